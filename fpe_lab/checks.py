@@ -1,0 +1,40 @@
+"""Argument checks shared by the math objects: each raises ``ValueError`` naming the argument,
+the offending value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["check_time", "check_finite", "check_positive"]
+
+
+def _describe(v: torch.Tensor) -> str:
+    if v.numel() == 1:
+        return repr(v.item())
+    nonfinite = v[~torch.isfinite(v)]
+    if nonfinite.numel():
+        return repr(nonfinite[0].item())
+    return f"values in [{v.min().item()!r}, {v.max().item()!r}]"
+
+
+def check_time(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
+    """t must be finite and inside [0, 1] (the SDE's time window)."""
+    tt = torch.as_tensor(t)
+    if not torch.isfinite(tt).all():
+        raise ValueError(f"{name} must be finite and in [0, 1]; got non-finite value {_describe(tt)}")
+    if tt.numel() and (tt.min() < 0 or tt.max() > 1):
+        raise ValueError(f"{name} must lie in [0, 1]; got {_describe(tt)}")
+    return tt
+
+
+def check_finite(v: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name} must be finite; got non-finite value {_describe(v)}")
+
+
+def check_positive(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number; got {value!r}")
+    return float(value)

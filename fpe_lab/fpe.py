@@ -1,0 +1,284 @@
+r"""The score Fokker-Planck residual of any score function (FP-Diffusion, Lai et al. 2023, Sec. 3).
+
+For dx = f(x, t) dt + g(t) dw the density obeys ∂_t p = −∇·(f p) + ½g² Δp; its log obeys
+
+    ∂_t log p = ½g² (∇·s + ‖s‖²) − ⟨f, s⟩ − ∇·f,            s = ∇ log p,
+
+and the score obeys the gradient of that, the *score FPE*
+
+    ∂_t s = ∇_x [ ½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f ].
+
+The residual of a candidate score s_θ is
+
+    R_θ(x, t) = ∂_t s_θ − ∇_x [ ½g² ∇·s_θ + ½g² ‖s_θ‖² − ⟨f, s_θ⟩ − ∇·f ],
+
+zero for the true score of *any* initial density. Every function here takes
+``score_fn(x: (b, *dims), t: (b,)) -> s: (b, *dims)``, so the exact mixture score and a network are
+interchangeable.
+
+Derivatives are exact and batched: ∂_t s by one forward-mode JVP in t, spatial derivatives by
+reverse-mode passes over the batch sum. Summing over the batch is exact only when samples do not
+interact inside ``score_fn`` (no train-mode BatchNorm, no attention across samples). The divergence
+is exact (D reverse passes, for low D) or a Hutchinson estimate (one pass per probe, for images).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import jvp
+
+from fpe_lab.sde import SDE
+from fpe_lab.shapes import append_dims, batch_time
+
+__all__ = [
+    "ScoreFn",
+    "ExactDivergence",
+    "Hutchinson",
+    "Probe",
+    "ScoreFPETerms",
+    "score_fpe_terms",
+    "score_fpe_residual",
+    "log_density_fpe_residual",
+    "divergence",
+    "jacobian",
+    "jacobian_asymmetry",
+    "curl_2d",
+]
+
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    """∂(Σ_b out_b)/∂x, zero where out does not depend on x."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=create_graph, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
+class ExactDivergence:
+    """∇·s = Σ_i ∂s_i/∂x_i, exact, by D reverse-mode passes over the batch sum."""
+
+    def __call__(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s_flat = s.reshape(s.shape[0], -1)
+        div = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+        for i in range(s_flat.shape[1]):
+            div = div + _grad(s_flat[:, i], x).reshape(s.shape[0], -1)[:, i]
+        return div
+
+    def __repr__(self) -> str:
+        return "ExactDivergence()"
+
+
+class Probe(enum.Enum):
+    """Distribution of Hutchinson probes v with E[v vᵀ] = I."""
+
+    RADEMACHER = "rademacher"
+    GAUSSIAN = "gaussian"
+
+
+@dataclass(eq=False)
+class Hutchinson:
+    """Unbiased estimate ∇·s ≈ (1/n) Σ_j v_jᵀ (∂s/∂x) v_j with n independent probes per sample.
+
+    Each probe costs one reverse pass (v_jᵀ J by a VJP). Variance of one Rademacher probe:
+    2 Σ_{i≠k} J_ik² (with J symmetrised), so conservative fields with small off-diagonal Jacobian
+    are cheap to estimate.
+    """
+
+    n_probes: int = 1
+    probe: Probe = Probe.RADEMACHER
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_probes, int) or self.n_probes < 1:
+            raise ValueError(f"n_probes must be an int >= 1; got {self.n_probes!r}")
+        if not isinstance(self.probe, Probe):
+            raise ValueError(f"probe must be a fpe_lab.fpe.Probe ({list(Probe)}); got {self.probe!r}")
+
+    def sample_probe(self, like: torch.Tensor) -> torch.Tensor:
+        v = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
+        return v.sign() if self.probe is Probe.RADEMACHER else v
+
+    def __call__(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        est = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
+        for _ in range(self.n_probes):
+            v = self.sample_probe(x)
+            v_jac = _grad((s * v).reshape(s.shape[0], -1).sum(-1), x)
+            est = est + (v_jac * v).reshape(s.shape[0], -1).sum(-1)
+        return est / self.n_probes
+
+
+DivergenceEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _leaves(x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh leaves requiring grad, so derivatives in x and t never leak to the caller's tensors."""
+    t = batch_time(t, x)
+    return x.detach().requires_grad_(True), t.detach().requires_grad_(True)
+
+
+def _score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """s(x, t) and ∂_t s(x, t) from one forward-mode JVP in t (tangent 1 for every sample)."""
+    return jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
+
+
+def _div_drift(sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """∇·f from the SDE, or by exact autograd of its drift when it has no ``div_drift``."""
+    if hasattr(sde, "div_drift"):
+        return sde.div_drift(x, t)
+    return ExactDivergence()(sde.drift(x, t), x)
+
+
+@dataclass(frozen=True)
+class ScoreFPETerms:
+    """Every term of the score FPE at points (x, t); each field has the shape of x, g2 shape (b,).
+
+    residual = dt_s − [ ½g² (grad_div_s + grad_sq_norm_s) − grad_f_dot_s − grad_div_f ]
+    """
+
+    s: torch.Tensor
+    dt_s: torch.Tensor  # ∂_t s
+    grad_div_s: torch.Tensor  # ∇(∇·s)
+    grad_sq_norm_s: torch.Tensor  # ∇‖s‖²
+    grad_f_dot_s: torch.Tensor  # ∇⟨f, s⟩
+    grad_div_f: torch.Tensor  # ∇(∇·f)
+    g2: torch.Tensor  # g(t)²
+
+    @property
+    def rhs(self) -> torch.Tensor:
+        """∇[½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f]."""
+        half_g2 = append_dims(0.5 * self.g2, self.s.ndim)
+        return half_g2 * (self.grad_div_s + self.grad_sq_norm_s) - self.grad_f_dot_s - self.grad_div_f
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.dt_s - self.rhs
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Per-sample size of the terms, sqrt(‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²), shape (b,).
+
+        |R| / scale measures how far from cancelling the terms are (0: exact, ~1: unrelated).
+        """
+        half_g2 = append_dims(0.5 * self.g2, self.s.ndim)
+        parts = (self.dt_s, half_g2 * self.grad_div_s, half_g2 * self.grad_sq_norm_s, self.grad_f_dot_s)
+        return torch.sqrt(sum(p.reshape(p.shape[0], -1).pow(2).sum(-1) for p in parts))
+
+
+def score_fpe_terms(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    divergence: DivergenceEstimator | None = None,
+    create_graph: bool = False,
+) -> ScoreFPETerms:
+    """Each term of the score FPE of ``score_fn`` at x of shape (b, *dims), t of shape (b,) or scalar.
+
+    Args:
+        divergence: ``ExactDivergence()`` (default) or ``Hutchinson(n_probes, probe)``.
+        create_graph: keep the graph so the terms can be differentiated again (e.g. by parameters).
+    """
+    divergence = divergence or ExactDivergence()
+    x, t = _leaves(x, t)
+    s, dt_s = _score_and_dt(score_fn, x, t)
+    div_s = divergence(s, x)
+    f = sde.drift(x, t)
+    div_f = _div_drift(sde, x, t)
+    g = sde.diffusion(t)
+    terms = ScoreFPETerms(
+        s=s,
+        dt_s=dt_s,
+        grad_div_s=_grad(div_s, x),
+        grad_sq_norm_s=_grad(s.reshape(s.shape[0], -1).pow(2).sum(-1), x),
+        grad_f_dot_s=_grad((f * s).reshape(s.shape[0], -1).sum(-1), x),
+        grad_div_f=_grad(div_f, x),
+        g2=g**2,
+    )
+    if create_graph:
+        return terms
+    return ScoreFPETerms(**{k: v.detach() for k, v in terms.__dict__.items()})
+
+
+def score_fpe_residual(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    divergence: DivergenceEstimator | None = None,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """R = ∂_t s − ∇_x[½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f], shape of x (b, *dims).
+
+    Cheaper than :func:`score_fpe_terms`: the bracket is one per-sample scalar φ(x, t), so ∇_x φ
+    takes one reverse pass. Pass ``create_graph=True`` to train through R (the regularizer).
+    """
+    divergence = divergence or ExactDivergence()
+    x, t = _leaves(x, t)
+    s, dt_s = _score_and_dt(score_fn, x, t)
+    flat = s.reshape(s.shape[0], -1)
+    g2 = sde.diffusion(t) ** 2
+    f_dot_s = (sde.drift(x, t).reshape(s.shape[0], -1) * flat).sum(-1)
+    phi = 0.5 * g2 * (divergence(s, x) + flat.pow(2).sum(-1)) - f_dot_s - _div_drift(sde, x, t)
+    r = dt_s - _grad(phi, x, create_graph=create_graph)
+    return r if create_graph else r.detach()
+
+
+def log_density_fpe_residual(
+    log_prob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    divergence: DivergenceEstimator | None = None,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """r = ∂_t log p − [½g² (Δ log p + ‖∇ log p‖²) − ⟨f, ∇ log p⟩ − ∇·f], shape (b,).
+
+    ``log_prob_fn(x, t) -> (b,)``; zero when log p_t solves the density FPE.
+    """
+    divergence = divergence or ExactDivergence()
+    x, t = _leaves(x, t)
+    log_p = log_prob_fn(x, t)
+    (s, dt_log_p) = torch.autograd.grad(log_p.sum(), (x, t), create_graph=True)
+    flat = s.reshape(s.shape[0], -1)
+    g2 = sde.diffusion(t) ** 2
+    f_dot_s = (sde.drift(x, t).reshape(s.shape[0], -1) * flat).sum(-1)
+    r = dt_log_p - (0.5 * g2 * (divergence(s, x) + flat.pow(2).sum(-1)) - f_dot_s - _div_drift(sde, x, t))
+    return r if create_graph else r.detach()
+
+
+def divergence(
+    score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float, estimator: DivergenceEstimator | None = None
+) -> torch.Tensor:
+    """∇·s(x, t), shape (b,): exact by default, or the given Hutchinson estimator."""
+    x, t = _leaves(x, t)
+    return (estimator or ExactDivergence())(score_fn(x, t), x).detach()
+
+
+def jacobian(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """J_ij = ∂s_i/∂x_j for x of shape (b, D); returns (b, D, D) (D reverse passes)."""
+    if x.ndim != 2:
+        raise ValueError(f"jacobian needs x of shape (b, D); got shape {tuple(x.shape)}")
+    x, t = _leaves(x, t)
+    s = score_fn(x, t)
+    rows = [_grad(s[:, i], x, create_graph=False) for i in range(s.shape[1])]
+    return torch.stack(rows, dim=1)
+
+
+def jacobian_asymmetry(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """‖J − Jᵀ‖_F per sample, shape (b,): zero iff s is locally a gradient field (conservative)."""
+    jac = jacobian(score_fn, x, t)
+    return torch.linalg.matrix_norm(jac - jac.transpose(-1, -2))
+
+
+def curl_2d(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """Scalar curl ∂s_y/∂x − ∂s_x/∂y for x of shape (b, 2); returns (b,)."""
+    if x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"curl_2d needs x of shape (b, 2); got shape {tuple(x.shape)}")
+    jac = jacobian(score_fn, x, t)
+    return jac[:, 1, 0] - jac[:, 0, 1]

@@ -1,0 +1,217 @@
+r"""Forward SDEs  dx = f(x, t) dt + g(t) dw  on R^D, t in [0, 1] (Score SDE, arXiv 2011.13456, Sec. 3.4).
+
+An SDE object exposes what the score Fokker-Planck equation needs:
+
+* ``drift(x, t)``       f(x, t), same shape as x of shape (b, *dims);
+* ``diffusion(t)``      g(t), shape (b,);
+* ``div_drift(x, t)``   ∇·f(x, t), shape (b,);
+* ``marginal(t)``       (alpha(t), sigma(t)) with x_t | x_0 ~ N(alpha x_0, sigma² I);
+* ``prior_sample`` / ``prior_log_prob`` for the reference density at t = 1;
+* ``str(sde)``          the equation with its coefficients.
+
+The three SDEs here have linear drift f(x, t) = a(t) x, so their transition kernels are Gaussian.
+``marginal`` is the *exact* transition of the SDE started at the data at t = 0 (sigma(0) = 0). For VE
+this differs from Score SDE, which perturbs with sigma_min (sigma_max/sigma_min)^t, i.e. treats the
+data as already blurred by sigma_min.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fpe_lab.checks import check_positive, check_time
+from fpe_lab.shapes import append_dims, flat_dim
+
+__all__ = ["SDE", "LinearSDE", "VESDE", "VPSDE", "SubVPSDE"]
+
+
+def _time(t: torch.Tensor | float) -> torch.Tensor:
+    t = check_time(t)
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+class SDE(abc.ABC):
+    """Abstract forward SDE dx = f(x, t) dt + g(t) dw."""
+
+    @abc.abstractmethod
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f(x, t) for x of shape (b, *dims) and t of shape (b,); returns shape (b, *dims)."""
+
+    @abc.abstractmethod
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        """g(t), same shape as t."""
+
+    @abc.abstractmethod
+    def div_drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """∇·f(x, t) = Σ_i ∂f_i/∂x_i, shape (b,)."""
+
+
+class LinearSDE(SDE):
+    """SDE with linear drift f(x, t) = a(t) x and a Gaussian transition kernel.
+
+    The marginal solves the moment ODEs  d alpha/dt = a alpha,  d sigma²/dt = 2 a sigma² + g²
+    with alpha(0) = 1, sigma(0) = 0.
+    """
+
+    @abc.abstractmethod
+    def drift_coef(self, t: torch.Tensor) -> torch.Tensor:
+        """a(t) in f(x, t) = a(t) x, same shape as t."""
+
+    @abc.abstractmethod
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)), each the shape of t: x_t | x_0 ~ N(alpha x_0, sigma² I)."""
+
+    @abc.abstractmethod
+    def prior_std(self) -> float:
+        """Standard deviation of the isotropic Gaussian prior at t = 1."""
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return append_dims(self.drift_coef(t), x.ndim) * x
+
+    def div_drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.drift_coef(t)
+        return (a * flat_dim(x)).expand(x.shape[:1]) if a.ndim == 0 else a * flat_dim(x)
+
+    def prior_sample(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Samples of N(0, prior_std² I) of shape (b, *dims)."""
+        z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        return self.prior_std() * z
+
+    def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, prior_std² I) summed over all but the batch axis, shape (b,)."""
+        var = self.prior_std() ** 2
+        d = flat_dim(x)
+        sq = x.reshape(x.shape[0], -1).pow(2).sum(-1)
+        return -0.5 * sq / var - 0.5 * d * math.log(2 * math.pi * var)
+
+
+@dataclass(frozen=True)
+class VESDE(LinearSDE):
+    r"""Variance exploding: dx = sqrt(d[sigma²]/dt) dw, f = 0.
+
+    sigma_SDE(t) = sigma_min (sigma_max/sigma_min)^t,  g(t) = sigma_SDE(t) sqrt(2 ln(sigma_max/sigma_min)).
+    Exact marginal: alpha = 1, sigma²(t) = sigma_min² ((sigma_max/sigma_min)^{2t} − 1)  (so sigma(0) = 0;
+    Score SDE uses sigma_SDE(t)² instead). Prior N(0, sigma(1)² I).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+
+    def __post_init__(self) -> None:
+        check_positive(self.sigma_min, "sigma_min")
+        check_positive(self.sigma_max, "sigma_max")
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError(
+                f"sigma_max must exceed sigma_min; got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
+            )
+
+    @property
+    def _log_ratio(self) -> float:
+        return math.log(self.sigma_max / self.sigma_min)
+
+    def drift_coef(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(_time(t))
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        t = _time(t)
+        return self.sigma_min * torch.exp(t * self._log_ratio) * math.sqrt(2 * self._log_ratio)
+
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _time(t)
+        sigma = self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio))
+        return torch.ones_like(t), sigma
+
+    def prior_std(self) -> float:
+        return self.sigma_min * math.sqrt(math.expm1(2 * self._log_ratio))
+
+    def __str__(self) -> str:
+        return (
+            f"VE SDE: dx = g(t) dw,  g(t) = {self.sigma_min:g}·({self.sigma_max:g}/{self.sigma_min:g})^t"
+            f"·sqrt(2 ln({self.sigma_max:g}/{self.sigma_min:g}));  "
+            f"x_t|x_0 ~ N(x_0, {self.sigma_min:g}²(({self.sigma_max:g}/{self.sigma_min:g})^(2t) − 1) I)"
+        )
+
+
+@dataclass(frozen=True)
+class _BetaSchedule:
+    """beta(t) = beta_min + t (beta_max − beta_min) and B(t) = ∫_0^t beta."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self) -> None:
+        check_positive(self.beta_min, "beta_min")
+        check_positive(self.beta_max, "beta_max")
+        if self.beta_max < self.beta_min:
+            raise ValueError(
+                f"beta_max must be >= beta_min; got beta_min={self.beta_min}, beta_max={self.beta_max}"
+            )
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def int_beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def drift_coef(self, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * self.beta(_time(t))
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def _schedule(self) -> str:
+        return f"beta(t) = {self.beta_min:g} + {self.beta_max - self.beta_min:g} t"
+
+
+@dataclass(frozen=True)
+class VPSDE(_BetaSchedule, LinearSDE):
+    r"""Variance preserving: dx = −½ beta(t) x dt + sqrt(beta(t)) dw.
+
+    alpha(t) = exp(−B(t)/2),  sigma²(t) = 1 − exp(−B(t)),  B(t) = beta_min t + ½(beta_max − beta_min) t².
+    Prior N(0, I).
+    """
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.beta(_time(t)))
+
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.int_beta(_time(t))
+        return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
+
+    def __str__(self) -> str:
+        return (
+            f"VP SDE: dx = −½ beta(t) x dt + sqrt(beta(t)) dw,  {self._schedule()};  "
+            "x_t|x_0 ~ N(exp(−B/2) x_0, (1 − exp(−B)) I), B(t) = ∫_0^t beta"
+        )
+
+
+@dataclass(frozen=True)
+class SubVPSDE(_BetaSchedule, LinearSDE):
+    r"""sub-VP: dx = −½ beta(t) x dt + sqrt(beta(t)(1 − exp(−2B(t)))) dw.
+
+    alpha(t) = exp(−B(t)/2),  sigma(t) = 1 − exp(−B(t))  (sigma² ≤ VP's).  Prior N(0, I).
+    """
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        t = _time(t)
+        return torch.sqrt(self.beta(t) * -torch.expm1(-2 * self.int_beta(t)))
+
+    def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.int_beta(_time(t))
+        return torch.exp(-0.5 * b), -torch.expm1(-b)
+
+    def __str__(self) -> str:
+        return (
+            f"sub-VP SDE: dx = −½ beta(t) x dt + sqrt(beta(t)(1 − exp(−2B(t)))) dw,  {self._schedule()};  "
+            "x_t|x_0 ~ N(exp(−B/2) x_0, (1 − exp(−B))² I), B(t) = ∫_0^t beta"
+        )
