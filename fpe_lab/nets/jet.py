@@ -1,0 +1,215 @@
+r"""A fast exact score-FPE residual for :class:`~fpe_lab.nets.mlp.TimeMLP` score models (issue 4, item 2).
+
+The score FPE residual (FP-Diffusion, Lai et al. 2023, Sec. 3) of s = ∇ log p_t needs only
+
+    ∂_t s,    J_ik = ∂s_i/∂x_k,    H_ikl = ∂²s_i/∂x_k∂x_l,
+
+and for a linear drift f = a(t) x (VE, VP, sub-VP) it reads
+
+    R = ∂_t s − [ ½g² (∇(∇·s) + 2 Jᵀs) − a (Jᵀx + s) ],     ∇(∇·s)_k = Σ_i H_iki,
+
+since ∇‖s‖² = 2Jᵀs, ∇⟨f, s⟩ = a (s + Jᵀx) and ∇(∇·f) = ∇(a D) = 0.
+
+Instead of nested autograd (:func:`fpe_lab.fpe.score_fpe_residual`: one JVP in t, D reverse passes
+for ∇·s, one more for ∇φ), this module pushes a truncated Taylor polynomial ("jet") of every hidden
+activation forward through the MLP in one batched pass. Per sample and hidden unit it carries
+
+    K = 1 + D + D(D+1)/2   derivative streams   (∂_t; ∂_k for k < D; ∂_k∂_l for k ≤ l)
+
+next to the value: 6 at D = 2 (7 streams with the value). The rules are
+
+* Linear z = W h + b:  every derivative stream is W·(stream); the bias enters the value only;
+* SiLU y = φ(z):       y_t = φ'(z) z_t,  y_k = φ'(z) z_k,  y_kl = φ'(z) z_kl + φ''(z) z_k z_l
+  (no ∂_t∂_x stream is needed, so the time derivative stays first order);
+* input [x, e(t)]:     ∂_k x = unit vector, ∂²x = 0, ∂_t e(t) = ω ⊙ [cos ωt, −sin ωt];
+* s = −n/sigma(t):     ∂_t s = −(∂_t n + s sigma') / sigma, spatial streams divided by −sigma.
+
+The result is plain differentiable torch code, so with ``create_graph=True`` the residual can be
+trained through (the FPE regularizer), and gradients w.r.t. the parameters are those of the generic
+path. To use it as the residual function of a loss:
+``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and result as
+:func:`fpe_lab.fpe.score_fpe_residual`, with a ``ScoreModel(TimeMLP, sde)`` as the score function).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import jvp
+
+from fpe_lab.checks import check_time
+from fpe_lab.fpe import ExactDivergence
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.sde import SDE, LinearSDE
+from fpe_lab.shapes import batch_time
+
+__all__ = ["ScoreJet", "score_jet", "jet_score_fpe_residual"]
+
+
+def _pairs(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (k, l) with k ≤ l in row-major order: the packed second-derivative streams."""
+    k, l = torch.triu_indices(d, d)
+    return k, l
+
+
+def _pair_index(d: int) -> torch.Tensor:
+    """(d, d) matrix whose (k, l) entry is the packed index of the pair (min(k, l), max(k, l))."""
+    k, l = _pairs(d)
+    idx = torch.empty(d, d, dtype=torch.long)
+    idx[k, l] = torch.arange(k.numel())
+    idx[l, k] = torch.arange(k.numel())
+    return idx
+
+
+@dataclass(frozen=True)
+class ScoreJet:
+    """Value and derivatives of a score s(x, t) at points x of shape (b, D), t of shape (b,).
+
+    Attributes:
+        value:          s, shape (b, D).
+        dt:             ∂_t s, shape (b, D).
+        jacobian:       J[b, i, k] = ∂s_i/∂x_k, shape (b, D, D) (the layout of ``fpe.jacobian``).
+        hessian_packed: ∂²s_i/∂x_k∂x_l for k ≤ l, shape (b, D, D(D+1)/2), pairs in row-major order
+                        (``torch.triu_indices``).
+    """
+
+    value: torch.Tensor
+    dt: torch.Tensor
+    jacobian: torch.Tensor
+    hessian_packed: torch.Tensor
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H[b, i, k, l] = ∂²s_i/∂x_k∂x_l, shape (b, D, D, D) (the layout of ``torch.func.hessian``)."""
+        d = self.value.shape[1]
+        return self.hessian_packed[:, :, _pair_index(d).to(self.value.device)]
+
+    @property
+    def grad_div(self) -> torch.Tensor:
+        """∇(∇·s), shape (b, D): entry k is Σ_i ∂²s_i/∂x_k∂x_i."""
+        return torch.diagonal(self.hessian, dim1=1, dim2=3).sum(-1)
+
+
+def _silu_derivatives(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """φ(z) = z σ(z), φ' = σ (1 + z (1 − σ)) and φ'' = σ (1 − σ) (2 + z (1 − 2σ)), each the shape of z."""
+    sig = torch.sigmoid(z)
+    return z * sig, sig * (1 + z * (1 - sig)), sig * (1 - sig) * (2 + z * (1 - 2 * sig))
+
+
+def _silu_jet(z: torch.Tensor, dz: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push a jet through SiLU: y_t = φ' z_t,  y_k = φ' z_k,  y_kl = φ' z_kl + φ'' z_k z_l.
+
+    z: pre-activation values (b, H); dz: derivative streams (K, b, H) in the order
+    [∂_t, ∂_0..∂_{D-1}, packed ∂_k∂_l (k ≤ l)]. Returns (y (b, H), dy (K, b, H)).
+    """
+    y, phi1, phi2 = _silu_derivatives(z)
+    k, l = _pairs(d)
+    grad = dz[1 : 1 + d]
+    second = phi1 * dz[1 + d :] + phi2 * grad[k.to(z.device)] * grad[l.to(z.device)]
+    return y, torch.cat([phi1 * dz[: 1 + d], second], dim=0)
+
+
+def _net_jet(net: TimeMLP, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """n(x, t) of shape (b, D) and its derivative streams (K, b, D), K = 1 + D + D(D+1)/2."""
+    d = x.shape[1]
+    arg = t[:, None] * net.freqs.to(t)
+    sin, cos = torch.sin(arg), torch.cos(arg)
+    e = torch.cat([sin, cos], dim=-1)
+    de = torch.cat([cos, -sin], dim=-1) * torch.cat([net.freqs, net.freqs]).to(t)  # ∂_t e(t)
+
+    # First layer: ∂_k [x, e] is the unit vector e_k and ∂²[x, e] = 0, so z_k = W1[:, k] is shared
+    # by the whole batch and z_kl = 0: y_k = φ' W1[:, k], y_kl = φ'' W1[:, k] W1[:, l] (no matmul).
+    first = net.hidden[0]
+    z = F.linear(torch.cat([x, e], dim=-1), first.weight, first.bias)
+    w_x = first.weight[:, :d].T[:, None, :]  # (D, 1, H): ∂_k z
+    k, l = _pairs(d)
+    h, phi1, phi2 = _silu_derivatives(z)
+    dz_t = de @ first.weight[:, d:].T  # (b, H)
+    dh = torch.cat([(phi1 * dz_t)[None], phi1 * w_x, phi2 * (w_x[k.to(z.device)] * w_x[l.to(z.device)])])
+    for layer in net.hidden[1:]:
+        h, dh = _silu_jet(F.linear(h, layer.weight, layer.bias), dh @ layer.weight.T, d)
+    return F.linear(h, net.out.weight, net.out.bias), dh @ net.out.weight.T
+
+
+def _check_model(model: nn.Module) -> TimeMLP:
+    net = getattr(model, "net", None)
+    if not isinstance(model, ScoreModel) or not isinstance(net, TimeMLP):
+        raise ValueError(
+            "model must be a fpe_lab.model.ScoreModel whose net is a fpe_lab.nets.mlp.TimeMLP; "
+            f"got {type(model).__name__} with net {type(net).__name__} (use fpe.score_fpe_residual instead)"
+        )
+    if not isinstance(net.act, nn.SiLU):
+        raise ValueError(f"model.net.act must be nn.SiLU for the jet path; got {type(net.act).__name__}")
+    return net
+
+
+def _check_x(x: torch.Tensor, net: TimeMLP) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != net.dim:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor of shape (b, {net.dim}) (the net's dim); got {shape}")
+
+
+def score_jet(model: ScoreModel, x: torch.Tensor, t: torch.Tensor | float) -> ScoreJet:
+    """s, ∂_t s, J and the second spatial derivatives of ``model`` at x (b, D), t (b,) or scalar.
+
+    One batched forward pass (see the module docstring); differentiable w.r.t. the parameters.
+    """
+    net = _check_model(model)
+    _check_x(x, net)
+    t = check_time(batch_time(t, x))
+    x, t = x.detach(), t.detach().contiguous()  # a scalar t arrives expanded; forward AD needs real storage
+    n, dn = _net_jet(net, x, t)
+    d = x.shape[1]
+    sigma, dsigma = jvp(lambda tt: model.sde.marginal(tt)[1], (t,), (torch.ones_like(t),))
+    inv = -1 / sigma[:, None]  # s = −n/sigma: every spatial stream is scaled by −1/sigma
+    s = n * inv
+    dt_s = dn[0] * inv - s * (dsigma / sigma)[:, None]
+    jac = (dn[1 : 1 + d] * inv).permute(1, 2, 0)  # (k, b, i) -> (b, i, k)
+    hess = (dn[1 + d :] * inv).permute(1, 2, 0)  # (p, b, i) -> (b, i, p)
+    return ScoreJet(value=s, dt=dt_s, jacobian=jac, hessian_packed=hess)
+
+
+def jet_score_fpe_residual(
+    model: ScoreModel,
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    divergence: ExactDivergence | None = None,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """R = ∂_t s − [½g² (∇(∇·s) + 2Jᵀs) − a(t) (Jᵀx + s)] for f = a(t) x, shape (b, D).
+
+    Same signature and result as :func:`fpe_lab.fpe.score_fpe_residual` for a
+    ``ScoreModel(TimeMLP, ...)`` and a :class:`~fpe_lab.sde.LinearSDE`, from one jet pass.
+
+    Args:
+        model: ``fpe_lab.model.ScoreModel`` with a ``TimeMLP`` net (SiLU).
+        sde: a ``LinearSDE`` (VE, VP, sub-VP): the FPE's drift a(t) x and diffusion g(t).
+        x: points, shape (b, D) with D = ``model.net.dim``.
+        t: times in [0, 1], shape (b,) or scalar.
+        divergence: ``None`` or ``ExactDivergence()``; the jet's divergence is always exact.
+        create_graph: keep the graph so R can be differentiated w.r.t. the parameters.
+    """
+    if divergence is not None and not isinstance(divergence, ExactDivergence):
+        raise ValueError(
+            f"divergence must be None or fpe.ExactDivergence() for the jet path (it is exact); got {divergence!r}"
+        )
+    if not isinstance(sde, LinearSDE):
+        raise ValueError(
+            f"sde must be a fpe_lab.sde.LinearSDE (drift a(t) x: VE, VP, sub-VP) for the jet path; "
+            f"got {type(sde).__name__}"
+        )
+    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        jet = score_jet(model, x, t)
+        tt = batch_time(t, x).detach()
+        s, jac = jet.value, jet.jacobian
+        g2 = sde.diffusion(tt)[:, None] ** 2
+        a = sde.drift_coef(tt)[:, None]
+        jt_s = torch.einsum("bik,bi->bk", jac, s)  # Jᵀs = ½∇‖s‖²
+        jt_x = torch.einsum("bik,bi->bk", jac, x.detach())  # Jᵀx, so ∇⟨f, s⟩ = a (Jᵀx + s)
+        r = jet.dt - (0.5 * g2 * (jet.grad_div + 2 * jt_s) - a * (jt_x + s))
+    return r if create_graph else r.detach()

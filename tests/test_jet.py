@@ -1,0 +1,178 @@
+"""The jet residual path (fpe_lab.nets.jet) against the generic autograd path and torch.func, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.func import hessian, jacfwd
+
+from fpe_lab.fpe import ExactDivergence, Hutchinson, score_fpe_residual, score_fpe_terms
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.jet import jet_score_fpe_residual, score_jet
+from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.sde import SDE, SubVPSDE, VESDE, VPSDE
+
+SDES = [VESDE(), VPSDE(), SubVPSDE()]
+EPS = 1e-5
+
+
+def _model(dim: int, width: int, depth: int, sde, seed: int = 0) -> ScoreModel:
+    torch.manual_seed(seed)
+    net = TimeMLP(dim=dim, width=width, depth=depth, n_freq=4).double()
+    # Default init gives a nearly linear net; larger weights make the second derivatives O(1).
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2.0)
+    return ScoreModel(net, sde)
+
+
+def _points(dim: int, b: int, t_lo: float, t_hi: float, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, dim, generator=g, dtype=torch.float64)
+    t = t_lo + (t_hi - t_lo) * torch.rand(b, generator=g, dtype=torch.float64)
+    return x, t
+
+
+def _assert_residual_close(r_jet, r_ref, scale):
+    # float64 round-off: R cancels terms of size `scale` (up to ~1e8 near t = eps); the two paths
+    # round differently, so the difference is a few ulps of `scale` times the depth; 1e-12 leaves margin.
+    err = (r_jet - r_ref).norm(dim=-1)
+    assert (err <= 1e-12 * scale + 1e-300).all(), f"max relative error {(err / scale).max().item():.3e}"
+
+
+@pytest.mark.parametrize("sde", SDES, ids=["ve", "vp", "subvp"])
+@pytest.mark.parametrize("dim,width,depth", [(1, 8, 1), (2, 16, 2), (2, 32, 3), (3, 24, 3)])
+@pytest.mark.parametrize("t_range", [(EPS, 2 * EPS), (0.99, 1.0)], ids=["t_near_eps", "t_near_1"])
+def test_residual_matches_generic_path(sde, dim, width, depth, t_range):
+    model = _model(dim, width, depth, sde)
+    x, t = _points(dim, 16, *t_range)
+    r_ref = score_fpe_residual(model, sde, x, t)
+    scale = score_fpe_terms(model, sde, x, t).scale
+    r_jet = jet_score_fpe_residual(model, sde, x, t)
+    assert r_jet.shape == x.shape and r_jet.dtype == torch.float64
+    _assert_residual_close(r_jet, r_ref, scale)
+
+
+def test_residual_comparison_can_fail():
+    """The tolerance above is tight enough to see a 1e-8 change of one weight or the wrong SDE."""
+    sde = VPSDE()
+    model = _model(2, 16, 2, sde)
+    x, t = _points(2, 16, 0.3, 0.7)
+    r_ref = score_fpe_residual(model, sde, x, t)
+    scale = score_fpe_terms(model, sde, x, t).scale
+    with pytest.raises(AssertionError):
+        _assert_residual_close(jet_score_fpe_residual(model, SubVPSDE(), x, t), r_ref, scale)
+    with torch.no_grad():
+        model.net.hidden[1].weight[0, 0] += 1e-8
+    with pytest.raises(AssertionError):
+        _assert_residual_close(jet_score_fpe_residual(model, sde, x, t), r_ref, scale)
+
+
+def test_scalar_time_and_exact_divergence_argument():
+    sde = VESDE()
+    model = _model(2, 16, 2, sde)
+    x, _ = _points(2, 8, 0.1, 0.9)
+    t = torch.full((8,), 0.4, dtype=torch.float64)  # the generic path fails on a scalar t (expanded leaf)
+    r_ref = score_fpe_residual(model, sde, x, t)
+    scale = score_fpe_terms(model, sde, x, t).scale
+    _assert_residual_close(jet_score_fpe_residual(model, sde, x, 0.4, divergence=ExactDivergence()), r_ref, scale)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=["ve", "vp", "subvp"])
+def test_parameter_gradients_match_generic_path(sde):
+    model = _model(2, 16, 2, sde)
+    x, t = _points(2, 12, 0.05, 0.95)
+    params = list(model.parameters())
+
+    def grads(residual_fn):
+        loss = residual_fn(model, sde, x, t, create_graph=True).pow(2).sum(-1).mean()
+        return torch.autograd.grad(loss, params)
+
+    for g_jet, g_ref in zip(grads(jet_score_fpe_residual), grads(score_fpe_residual)):
+        # float64 round-off on gradients of size up to ~1e4 (VE: g² large); both are exact derivatives.
+        torch.testing.assert_close(g_jet, g_ref, rtol=1e-9, atol=1e-9 * g_ref.abs().max().item())
+
+
+def test_no_graph_without_create_graph():
+    sde = VPSDE()
+    model = _model(2, 8, 1, sde)
+    x, t = _points(2, 4, 0.2, 0.8)
+    assert not jet_score_fpe_residual(model, sde, x, t).requires_grad
+    assert jet_score_fpe_residual(model, sde, x, t, create_graph=True).requires_grad
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("sde", SDES, ids=["ve", "vp", "subvp"])
+def test_streams_match_torch_func(dim, sde):
+    model = _model(dim, 16, 2, sde, seed=dim)
+    x, t = _points(dim, 4, 0.01, 0.99, seed=dim)
+    jet = score_jet(model, x, t)
+    for b in range(x.shape[0]):
+        xb, tb = x[b], t[b : b + 1]
+
+        def s_of_x(xx):
+            return model(xx[None], tb)[0]
+
+        def s_of_t(tt):
+            return model(xb[None], tt)[0]
+
+        # float64 round-off: every stream is an exact derivative computed in a different order.
+        close = dict(rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(jet.value[b], s_of_x(xb), **close)
+        torch.testing.assert_close(jet.jacobian[b], jacfwd(s_of_x)(xb), **close)
+        torch.testing.assert_close(jet.hessian[b], hessian(s_of_x)(xb), **close)
+        torch.testing.assert_close(jet.dt[b], jacfwd(s_of_t)(tb)[:, 0], **close)
+        div = lambda xx: torch.diagonal(jacfwd(s_of_x)(xx)).sum()  # noqa: E731
+        torch.testing.assert_close(jet.grad_div[b], torch.func.grad(div)(xb), **close)
+
+
+def test_hessian_is_symmetric_unpacking():
+    model = _model(3, 8, 1, VPSDE())
+    x, t = _points(3, 5, 0.2, 0.8)
+    h = score_jet(model, x, t).hessian
+    assert h.shape == (5, 3, 3, 3)
+    torch.testing.assert_close(h, h.transpose(-1, -2), rtol=0, atol=0)  # unpacked from one copy: exact
+
+
+class _CubicDriftSDE(SDE):
+    """A non-linear drift f = −x³, to be rejected by the jet path."""
+
+    def drift(self, x, t):
+        return -(x**3)
+
+    def diffusion(self, t):
+        return torch.ones_like(t)
+
+    def div_drift(self, x, t):
+        return -3 * (x**2).sum(-1)
+
+
+class _OtherNet(nn.Module):
+    def forward(self, x, t):
+        return x
+
+
+def test_bad_inputs_raise_value_error():
+    sde = VPSDE()
+    model = _model(2, 8, 1, sde)
+    x, t = _points(2, 4, 0.2, 0.8)
+    with pytest.raises(ValueError, match="model must be .*TimeMLP.*_OtherNet"):
+        jet_score_fpe_residual(ScoreModel(_OtherNet(), sde), sde, x, t)
+    with pytest.raises(ValueError, match="model must be"):
+        jet_score_fpe_residual(lambda x, t: x, sde, x, t)
+    with pytest.raises(ValueError, match="sde must be .*LinearSDE.*_CubicDriftSDE"):
+        jet_score_fpe_residual(model, _CubicDriftSDE(), x, t)
+    with pytest.raises(ValueError, match="divergence must be .*Hutchinson"):
+        jet_score_fpe_residual(model, sde, x, t, divergence=Hutchinson())
+    with pytest.raises(ValueError, match=r"x must be .*\(b, 2\).*\(4, 3\)"):
+        jet_score_fpe_residual(model, sde, torch.zeros(4, 3, dtype=torch.float64), t)
+    with pytest.raises(ValueError, match=r"x must be .*\(4, 1, 2\)"):
+        jet_score_fpe_residual(model, sde, torch.zeros(4, 1, 2, dtype=torch.float64), t)
+    with pytest.raises(ValueError, match="t must lie in"):
+        jet_score_fpe_residual(model, sde, x, torch.full((4,), 1.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="t has shape"):
+        jet_score_fpe_residual(model, sde, x, torch.zeros(3, dtype=torch.float64))
+    model.net.act = nn.Tanh()
+    with pytest.raises(ValueError, match="act must be nn.SiLU.*Tanh"):
+        jet_score_fpe_residual(model, sde, x, t)
