@@ -20,21 +20,35 @@ def _describe(v: torch.Tensor) -> str:
 
 
 def check_time(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
-    """t must be finite and inside [0, 1] (the SDE's time window)."""
+    """t must be finite and inside [0, 1] (the SDE's time window); returns t as a tensor.
+
+    Inside ``torch.func.vmap`` values cannot be inspected (no data-dependent control flow), so the
+    check is skipped there; callers validate t before entering the transform.
+    """
     tt = torch.as_tensor(t)
-    if not torch.isfinite(tt).all():
+    try:
+        finite = bool(torch.isfinite(tt).all())
+        inside = not tt.numel() or bool((tt.min() >= 0) & (tt.max() <= 1))
+    except RuntimeError:  # a vmap-batched tensor: no data-dependent control flow is allowed
+        return tt
+    if not finite:
         raise ValueError(f"{name} must be finite and in [0, 1]; got non-finite value {_describe(tt)}")
-    if tt.numel() and (tt.min() < 0 or tt.max() > 1):
+    if not inside:
         raise ValueError(f"{name} must lie in [0, 1]; got {_describe(tt)}")
     return tt
 
 
 def check_finite(v: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(v).all():
+    """Every entry of v must be finite (skipped inside ``torch.func.vmap``, see :func:`check_time`)."""
+    try:
+        finite = bool(torch.isfinite(v).all())
+    except RuntimeError:  # a vmap-batched tensor
+        return
+    if not finite:
         raise ValueError(f"{name} must be finite; got non-finite value {_describe(v)}")
 
 
 def check_positive(value: float, name: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return float(value)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch.func import jvp
 
+from fpe_lab.checks import check_finite, check_time
 from fpe_lab.sde import SDE
 from fpe_lab.shapes import append_dims, batch_time
 
@@ -52,11 +53,11 @@ __all__ = [
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool = True, retain_graph: bool | None = None) -> torch.Tensor:
     """∂(Σ_b out_b)/∂x, zero where out does not depend on x."""
     if not out.requires_grad:
         return torch.zeros_like(x)
-    (g,) = torch.autograd.grad(out.sum(), x, create_graph=create_graph, allow_unused=True)
+    (g,) = torch.autograd.grad(out.sum(), x, create_graph=create_graph, retain_graph=retain_graph, allow_unused=True)
     return torch.zeros_like(x) if g is None else g
 
 
@@ -118,13 +119,25 @@ DivergenceEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _leaves(x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh leaves requiring grad, so derivatives in x and t never leak to the caller's tensors."""
-    t = batch_time(t, x)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
+        desc = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating tensor of shape (b, *dims) with at least 2 axes; got {desc}")
+    check_finite(x.detach(), "x")
+    t = check_time(batch_time(t, x))
     return x.detach().requires_grad_(True), t.detach().requires_grad_(True)
+
+
+def _check_score(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(s, torch.Tensor) or s.shape != x.shape:
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise ValueError(f"score_fn(x, t) must return the shape of x {tuple(x.shape)}; got {got}")
+    return s
 
 
 def _score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """s(x, t) and ∂_t s(x, t) from one forward-mode JVP in t (tangent 1 for every sample)."""
-    return jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
+    s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
+    return _check_score(s, x), dt_s
 
 
 def _div_drift(sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -244,6 +257,9 @@ def log_density_fpe_residual(
     divergence = divergence or ExactDivergence()
     x, t = _leaves(x, t)
     log_p = log_prob_fn(x, t)
+    if not isinstance(log_p, torch.Tensor) or log_p.shape != x.shape[:1]:
+        got = tuple(log_p.shape) if isinstance(log_p, torch.Tensor) else type(log_p).__name__
+        raise ValueError(f"log_prob_fn(x, t) must return shape ({x.shape[0]},); got {got}")
     (s, dt_log_p) = torch.autograd.grad(log_p.sum(), (x, t), create_graph=True)
     flat = s.reshape(s.shape[0], -1)
     g2 = sde.diffusion(t) ** 2
@@ -257,7 +273,7 @@ def divergence(
 ) -> torch.Tensor:
     """∇·s(x, t), shape (b,): exact by default, or the given Hutchinson estimator."""
     x, t = _leaves(x, t)
-    return (estimator or ExactDivergence())(score_fn(x, t), x).detach()
+    return (estimator or ExactDivergence())(_check_score(score_fn(x, t), x), x).detach()
 
 
 def jacobian(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -265,8 +281,8 @@ def jacobian(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> tor
     if x.ndim != 2:
         raise ValueError(f"jacobian needs x of shape (b, D); got shape {tuple(x.shape)}")
     x, t = _leaves(x, t)
-    s = score_fn(x, t)
-    rows = [_grad(s[:, i], x, create_graph=False) for i in range(s.shape[1])]
+    s = _check_score(score_fn(x, t), x)
+    rows = [_grad(s[:, i], x, create_graph=False, retain_graph=True) for i in range(s.shape[1])]
     return torch.stack(rows, dim=1)
 
 

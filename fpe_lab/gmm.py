@@ -64,7 +64,8 @@ class GaussianMixture:
         if w.sum() <= 0:
             raise ValueError(f"weights must not all be zero; got {w.tolist()}")
         asym = (cov - cov.transpose(-1, -2)).abs().amax()
-        if asym > 1e-10 * cov.abs().amax():  # symmetric up to float64 round-off of the caller's arithmetic
+        # symmetric up to the round-off of the caller's arithmetic (A Aᵀ in BLAS need not be exact)
+        if asym > 1e3 * torch.finfo(cov.dtype).eps * cov.abs().amax():
             raise ValueError(f"covs must be symmetric; max |Sigma − Sigmaᵀ| = {asym.item():.3g}")
         chol, info = torch.linalg.cholesky_ex(cov)
         if (info != 0).any():
@@ -91,7 +92,7 @@ class GaussianMixture:
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples of p_0, shape (n, D), in the mixture's dtype."""
-        if not isinstance(n, int) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a nonnegative int; got {n!r}")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
@@ -110,8 +111,12 @@ class GaussianMixture:
 
     def _params(self, x: torch.Tensor, t, sde: LinearSDE | None):
         """Means (b|1, K, D) and covariances (b|1, K, D, D) of p_t (p_0 if t is None)."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"x must be a floating torch tensor of shape (b, D); got {type(x).__name__} "
+                             f"{getattr(x, 'dtype', '')}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (b, D) with D = {self.dim}; got shape {tuple(x.shape)}")
+        check_finite(x.detach(), "x")
         mu = self.means.to(x)
         cov = self.covs.to(x)
         if t is None:

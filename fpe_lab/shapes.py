@@ -22,10 +22,14 @@ def append_dims(c: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def batch_time(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Return t as a tensor of shape (b,) with the dtype and device of ``x`` of shape (b, *dims)."""
+    """Return t as a tensor of shape (b,) with the dtype and device of ``x`` of shape (b, *dims).
+
+    A scalar t is copied to b separate elements (not a stride-0 view), so forward-mode AD can
+    attach one tangent per sample.
+    """
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0:
-        return t.expand(x.shape[0])
+        return t.expand(x.shape[0]).contiguous()
     if t.shape != x.shape[:1]:
         raise ValueError(
             f"t has shape {tuple(t.shape)}; expected a scalar or shape ({x.shape[0]},) "
