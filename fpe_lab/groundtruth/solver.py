@@ -1,0 +1,181 @@
+r"""One public call for ground-truth perturbed densities: :func:`solve_fokker_planck`.
+
+Solves the Fokker–Planck equation of dx = f(x, t) dt + g(t) dw,
+
+    ∂_t p = −∇·(f p) + ½ g² Δp,   p(·, 0) = p_0,
+
+on a 1D/2D :class:`~fpe_lab.groundtruth.grid.Grid` and returns p_t, log p_t and the score ∇ log p_t
+at the requested times. The scheme is chosen by what the SDE allows (:class:`Method`):
+
+* ``CONVOLUTION`` — SDEs with a Gaussian transition (objects with ``marginal(t)``, i.e.
+  :class:`~fpe_lab.sde.LinearSDE`): exact convolution of p_0 with the kernel, exact score
+  (:mod:`~fpe_lab.groundtruth.convolution`);
+* ``FINITE_VOLUME`` — anything with ``drift(x, t)`` and ``diffusion(t)``: Scharfetter–Gummel finite
+  volumes with split implicit steps and Richardson extrapolation, 2nd order in space and time,
+  mass-conserving and positive (:mod:`~fpe_lab.groundtruth.finite_volume`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import warnings
+
+import numpy as np
+
+from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
+from fpe_lab.groundtruth.diagnostics import WALL_TOL, ResolutionWarning, check_resolution, check_walls
+from fpe_lab.groundtruth.finite_volume import solve_density
+from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.groundtruth.solution import Solution
+
+__all__ = ["Method", "solve_fokker_planck", "fd_score"]
+
+log = logging.getLogger(__name__)
+
+
+class Method(enum.Enum):
+    """How :func:`solve_fokker_planck` computes p_t."""
+
+    AUTO = "auto"  # CONVOLUTION when the SDE has a Gaussian transition (``marginal``), else FINITE_VOLUME
+    CONVOLUTION = "convolution"
+    FINITE_VOLUME = "finite_volume"
+
+
+def _has_gaussian_transition(sde) -> bool:
+    return callable(getattr(sde, "marginal", None))
+
+
+def _check_sde(sde) -> None:
+    missing = [name for name in ("drift", "diffusion") if not callable(getattr(sde, name, None))]
+    if missing:
+        raise ValueError(
+            f"sde must have callable drift(x, t) and diffusion(t); {type(sde).__name__} lacks {', '.join(missing)}"
+        )
+
+
+def _check_times(times) -> np.ndarray:
+    try:
+        t = np.asarray(times, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"times must be a 1D sequence of numbers in [0, 1]; got {times!r}") from None
+    t = np.atleast_1d(t)
+    if t.ndim != 1 or t.size == 0:
+        raise ValueError(f"times must be a nonempty 1D sequence in [0, 1]; got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or t.min() < 0 or t.max() > 1:
+        raise ValueError(f"times must be finite and lie in [0, 1]; got {t.tolist()}")
+    if np.any(np.diff(t) <= 0):
+        raise ValueError(f"times must be strictly increasing; got {t.tolist()}")
+    return t
+
+
+def _check_p0(p0, grid: Grid) -> np.ndarray:
+    try:
+        p = np.array(p0, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"p0 must be an array of numbers of shape {grid.shape}; got {type(p0).__name__}") from None
+    if p.shape != grid.shape:
+        raise ValueError(f"p0 must have shape grid.shape = {grid.shape}; got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"p0 must be finite; got {np.count_nonzero(~np.isfinite(p))} non-finite values")
+    if p.min() < 0:
+        raise ValueError(f"p0 must be nonnegative; got minimum {p.min():.3g}")
+    if p.max() == 0:
+        raise ValueError("p0 must not be all zero (it is normalised to a density)")
+    return p / grid.integrate(p)
+
+
+def fd_score(log_p: np.ndarray, grid: Grid) -> np.ndarray:
+    """∇ log p by second-order central differences (one-sided at the walls); shape (*grid.shape, D)."""
+    with np.errstate(invalid="ignore"):
+        grads = np.gradient(log_p, *grid.dx, edge_order=2) if grid.ndim > 1 else [np.gradient(log_p, grid.dx[0], edge_order=2)]
+    return np.stack(grads, axis=-1)
+
+
+def solve_fokker_planck(
+    sde,
+    p0,
+    grid: Grid,
+    times,
+    *,
+    method: Method = Method.AUTO,
+    n_steps: int = 200,
+    wall_tol: float = WALL_TOL,
+    progress: bool = True,
+) -> Solution:
+    r"""p_t, log p_t and ∇ log p_t of the FPE ∂_t p = −∇·(f p) + ½g²Δp at ``times``.
+
+    Main arguments:
+        sde: any object with ``drift(x, t)`` (torch, x (b, D) float64, t (b,)) -> (b, D) and
+            ``diffusion(t)`` (t (b,)) -> g (b,) with g > 0. An object that also has ``marginal(t)`` ->
+            (alpha, sigma) (a linear SDE such as VESDE/VPSDE/SubVPSDE) is solved exactly by default.
+        p0: nonnegative array of shape ``grid.shape``, the initial density at the cell centres
+            (normalised internally); it should vanish towards the walls.
+        grid: the 1D/2D :class:`Grid`.
+        times: increasing times in [0, 1] (t = 0 returns p0 and its finite-difference score).
+
+    Other arguments:
+        method: :class:`Method`; ``CONVOLUTION`` needs ``sde.marginal``.
+        n_steps: about how many time steps the finite-volume solver takes to ``times[-1]`` (>= 1).
+        wall_tol: a :class:`BoundaryWarning` is raised when p/max on the wall cells exceeds this.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        :class:`Solution` with ``density``/``log_density`` of shape (T, *grid.shape) and ``score`` of
+        shape (T, *grid.shape, D).
+
+    Warns:
+        BoundaryWarning: mass reaches the walls. ResolutionWarning: p0 or the kernel is not resolved,
+        or a score is not finite (p underflowed or p0 has zeros at t = 0).
+    """
+    if not isinstance(grid, Grid):
+        raise ValueError(f"grid must be a fpe_lab.groundtruth.Grid; got {type(grid).__name__}")
+    _check_sde(sde)
+    t = _check_times(times)
+    p = _check_p0(p0, grid)
+    if not isinstance(method, Method):
+        raise ValueError(f"method must be a Method ({', '.join(m.name for m in Method)}); got {method!r}")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
+        raise ValueError(f"n_steps must be an int >= 1; got {n_steps!r}")
+    if not (isinstance(wall_tol, (int, float)) and 0 < wall_tol < 1):
+        raise ValueError(f"wall_tol must be a number in (0, 1); got {wall_tol!r}")
+    if method is Method.AUTO:
+        method = Method.CONVOLUTION if _has_gaussian_transition(sde) else Method.FINITE_VOLUME
+    check_resolution(grid, p)
+
+    log_p = np.empty((len(t), *grid.shape))
+    score = np.empty((len(t), *grid.shape, grid.ndim))
+    match method:
+        case Method.CONVOLUTION:
+            if not _has_gaussian_transition(sde):
+                raise ValueError(
+                    f"method=Method.CONVOLUTION needs an SDE with a Gaussian transition (a marginal(t) method); "
+                    f"{type(sde).__name__} has none: use Method.FINITE_VOLUME"
+                )
+            for i, ti in enumerate(t):
+                if ti == 0:
+                    continue
+                log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid)
+        case Method.FINITE_VOLUME:
+            density, _ = solve_density(sde, p, grid, t, int(n_steps), progress=progress)
+            with np.errstate(divide="ignore"):
+                log_p[:] = np.log(density)
+            for i in range(len(t)):
+                score[i] = fd_score(log_p[i], grid)
+    for i in np.flatnonzero(t == 0):
+        with np.errstate(divide="ignore"):
+            log_p[i] = np.log(p)
+        score[i] = fd_score(log_p[i], grid)
+
+    check_walls(grid, np.exp(log_p), t, wall_tol)
+    bad = ~np.isfinite(score)
+    if bad.any():
+        times_bad = sorted({float(t[i]) for i in np.nonzero(bad)[0]})
+        warnings.warn(
+            f"the score is not finite at {int(bad.any(axis=-1).sum())} grid cells (times {times_bad}): p is zero "
+            "or underflowed there (p0 with zeros at t = 0, or p below ~1e-308·max)",
+            ResolutionWarning,
+            stacklevel=2,
+        )
+    log.debug("solved %s on %s at times %s with %s", sde, grid, t.tolist(), method)
+    return Solution(grid=grid, times=t, log_density=log_p, score=score, method=method)
