@@ -27,6 +27,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import mpmath
 import numpy as np
 import sympy as sp
 
@@ -111,25 +112,45 @@ def _lambdified(kind: Kind) -> Callable:
     mo = derive(kind)
     sigma = sp.sqrt(mo.sigma2)
     exprs = [mo.alpha, sigma, sp.diff(mo.alpha, t), sp.diff(sigma, t), mo.a, mo.g2]
-    return sp.lambdify((t, *mo.params), exprs, modules="numpy")
+    # mpmath, not numpy: the solved forms (1 − exp(−B), r^{2t} − 1, (1 − e^{−B})² expanded) cancel
+    # catastrophically for small t in float64; 30 digits make them a true float64 reference.
+    return [sp.lambdify((t, *mo.params), e, modules="mpmath") for e in exprs]
+
+
+@functools.lru_cache(maxsize=None)
+def _sigma_dot_at_zero(kind: Kind) -> Callable:
+    mo = derive(kind)
+    lim = sp.limit(sp.diff(sp.sqrt(mo.sigma2), t), t, 0, "+")
+    return sp.lambdify((t, *mo.params), lim, modules="mpmath")
+
+
+_KEYS = ("alpha", "sigma", "alpha_dot", "sigma_dot", "a", "g2")
 
 
 def coefficients(kind: Kind, **params: float) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     """Numeric t ↦ {alpha, sigma, alpha_dot, sigma_dot, a, g2} (float64 arrays shaped like t).
 
-    ``params``: sigma_min, sigma_max for VE; beta_min, beta_max for VP and sub-VP.
+    ``params``: sigma_min, sigma_max for VE; beta_min, beta_max for VP and sub-VP. Evaluated in
+    30-digit mpmath arithmetic and rounded to float64.
     """
     names = [p.name for p in PARAMETERS[kind]]
     if sorted(params) != sorted(names):
         raise ValueError(f"params for {kind.value} must be exactly {names}; got {sorted(params)}")
     fn = _lambdified(kind)
-    values = [float(params[n]) for n in names]
 
     def at(tt) -> dict[str, np.ndarray]:
         tt = np.asarray(tt, dtype=np.float64)
-        out = fn(tt, *values)
-        keys = ("alpha", "sigma", "alpha_dot", "sigma_dot", "a", "g2")
-        return {k: np.broadcast_to(np.asarray(o, dtype=np.float64), tt.shape) for k, o in zip(keys, out)}
+        flat = tt.reshape(-1)
+        out = np.empty((len(_KEYS), flat.size))
+        with mpmath.workdps(30):
+            values = [mpmath.mpf(float(params[n])) for n in names]
+            for j, tj in enumerate(flat):
+                tj = mpmath.mpf(float(tj))
+                for i, f in enumerate(fn):
+                    # sigma'(0) is 0/0 in the formula: use its one-sided limit (inf for VE and VP)
+                    f = _sigma_dot_at_zero(kind) if (i == 3 and tj == 0) else f
+                    out[i, j] = float(f(tj, *values))
+        return {k: o.reshape(tt.shape) for k, o in zip(_KEYS, out)}
 
     return at
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from fpe_lab.checks import check_finite
@@ -26,7 +27,7 @@ __all__ = ["GaussianMixture"]
 
 def _as_tensor(v, name: str, dtype: torch.dtype | None) -> torch.Tensor:
     try:
-        out = torch.as_tensor(v, dtype=dtype)
+        out = torch.as_tensor(v if isinstance(v, torch.Tensor) else np.asarray(v), dtype=dtype)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{name} must be array-like of numbers; got {type(v).__name__}: {e}") from None
     if not out.is_floating_point():
