@@ -1,0 +1,236 @@
+"""Training-step cost of DSM vs DSM + score-FPE regularizer (generic autograd path vs jet path), issue 4.
+
+One step = loss (fpe_lab.losses.ScoreFPELoss) + backward + Adam update of a ScoreModel(TimeMLP) on
+D-dimensional points. Three variants per MLP size, same initial weights and batches:
+
+* ``dsm``          DSM only (sigma² weighting);
+* ``fpe-generic``  DSM + lam·E w(t)‖R‖², R from fpe_lab.fpe.score_fpe_residual (JVP in t + D reverse
+                   passes for ∇·s + one reverse pass for ∇φ, all with create_graph=True);
+* ``fpe-jet``      the same loss, R from fpe_lab.nets.jet.jet_score_fpe_residual (one jet pass).
+
+Time: the variants run round-robin (each repeat runs ``--steps`` steps of every variant in turn), so
+load drifts on a shared machine hit all of them alike; the ratio is the median over repeats of
+(variant step time / DSM step time in the same repeat).
+
+Peak memory: the largest amount of tensor memory allocated during one step on top of what was live
+before it (parameters, Adam state, the batch). On CUDA: torch.cuda.max_memory_allocated. On CPU: the
+running sum of the allocation/free records of torch.profiler (profile_memory=True), i.e. torch's own
+allocations, not the process RSS.
+
+    python benchmarks/bench_train_step.py            # MLP 3x256 and 3x128, batch 512, D = 2
+    python benchmarks/bench_train_step.py --quick    # seconds: tiny sizes, checks that it runs
+
+Writes nothing unless ``--out FILE.json`` is given (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fpe_lab.fpe import score_fpe_residual
+from fpe_lab.losses import FPERegularizer, ScoreFPELoss
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.jet import jet_score_fpe_residual
+from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
+
+log = logging.getLogger("bench_train_step")
+
+VARIANTS = ("dsm", "fpe-generic", "fpe-jet")
+
+
+@dataclass(frozen=True)
+class Setup:
+    width: int
+    depth: int
+    dim: int
+    batch: int
+    sde: LinearSDE
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+
+
+class Trainer:
+    """One model, optimizer and loss for one variant; ``step()`` runs one training step."""
+
+    def __init__(self, variant: str, setup: Setup, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        net = TimeMLP(dim=setup.dim, width=setup.width, depth=setup.depth)
+        self.model = ScoreModel(net, setup.sde).to(setup.device, setup.dtype)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
+        match variant:
+            case "dsm":
+                reg = None
+            case "fpe-generic":
+                reg = FPERegularizer(lam=0.1, residual=score_fpe_residual)
+            case "fpe-jet":
+                reg = FPERegularizer(lam=0.1, residual=jet_score_fpe_residual)
+            case _:
+                raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+        self.loss = ScoreFPELoss(setup.sde, eps=1e-5, regularizer=reg)
+        self.gen = torch.Generator(device=setup.device).manual_seed(seed + 1)
+        self.x0 = torch.randn(setup.batch, setup.dim, generator=self.gen, device=setup.device, dtype=setup.dtype)
+
+    def step(self) -> float:
+        terms = self.loss(self.model, self.x0, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.opt.step()
+        return float(terms.total.detach())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_step_memory(trainer: Trainer, device: torch.device) -> int:
+    """Peak bytes allocated by torch during one step, above the memory live before it."""
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.step()
+    records = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+    ]
+    if not records:
+        raise RuntimeError("torch.profiler recorded no CPU memory events; cannot measure the peak")
+    records.sort(key=lambda e: e.start_ns())
+    return max(0, max(itertools.accumulate(e.nbytes() for e in records)))
+
+
+def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
+    trainers = {v: Trainer(v, setup) for v in VARIANTS}
+    for tr in trainers.values():
+        for _ in range(warmup):
+            tr.step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in tqdm(range(repeats), desc=f"MLP {setup.depth}x{setup.width}", leave=False):
+        for v, tr in trainers.items():
+            _sync(setup.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tr.step()
+            _sync(setup.device)
+            times[v].append((time.perf_counter() - t0) / steps)
+    mem = {v: peak_step_memory(tr, setup.device) for v, tr in trainers.items()}
+    out = {}
+    for v in VARIANTS:
+        ratios = [a / b for a, b in zip(times[v], times["dsm"])]
+        out[v] = {
+            "ms_per_step_median": 1e3 * statistics.median(times[v]),
+            "ms_per_step_min": 1e3 * min(times[v]),
+            "time_ratio_median": statistics.median(ratios),
+            "time_ratio_range": [min(ratios), max(ratios)],
+            "peak_step_mib": mem[v] / 2**20,
+            "memory_ratio": mem[v] / mem["dsm"] if mem["dsm"] else float("nan"),
+        }
+    return out
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {s}")
+    return v
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats: checks that it runs")
+    p.add_argument("--widths", type=_positive_int, nargs="+", default=[256, 128], help="MLP widths")
+    p.add_argument("--depth", type=_positive_int, default=3, help="hidden layers")
+    p.add_argument("--dim", type=_positive_int, default=2, help="data dimension D")
+    p.add_argument("--batch", type=_positive_int, default=512)
+    p.add_argument("--sde", choices=["ve", "vp", "subvp"], default="vp")
+    p.add_argument("--steps", type=_positive_int, default=5, help="timed steps per variant per repeat")
+    p.add_argument("--repeats", type=_positive_int, default=7)
+    p.add_argument("--warmup", type=_positive_int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch CPU threads; 1 because on a shared, oversubscribed machine every multi-threaded op "
+        "waits for a time slice (measured: a 512x256x256 matmul took 28 ms with 2 threads, 2.7 ms with 1)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.widths, args.batch, args.steps, args.repeats, args.warmup = [32], 64, 1, 3, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    if args.out is not None and args.out.is_dir():
+        p.error(f"--out must be a file path; {args.out} is a directory")
+    return args
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    match args.sde:
+        case "ve":
+            sde = VESDE()
+        case "vp":
+            sde = VPSDE()
+        case "subvp":
+            sde = SubVPSDE()
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    header = (
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"load avg {os.getloadavg()[0]:.1f}, sde {args.sde}, D {args.dim}, batch {args.batch}, "
+        f"{args.repeats} repeats x {args.steps} steps, float32"
+    )
+    results = {"header": header, "sizes": {}}
+    mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations"
+    print(f"\n{header}\npeak memory: {mem_kind}, above the memory live before the step")
+    print(f"{'MLP':>8} {'variant':>12} {'ms/step':>9} {'x DSM time':>11} {'(range)':>13} {'peak MiB':>9} {'x DSM mem':>10}")
+    for width in args.widths:
+        setup = Setup(width=width, depth=args.depth, dim=args.dim, batch=args.batch, sde=sde, device=device)
+        res = bench_size(setup, args.steps, args.repeats, args.warmup)
+        name = f"{args.depth}x{width}"
+        results["sizes"][name] = res
+        for v, r in res.items():
+            lo, hi = r["time_ratio_range"]
+            print(
+                f"{name:>8} {v:>12} {r['ms_per_step_median']:9.1f} {r['time_ratio_median']:11.2f} "
+                f"{f'{lo:.2f}-{hi:.2f}':>13} {r['peak_step_mib']:9.1f} {r['memory_ratio']:10.2f}"
+            )
+    if args.out is not None:
+        _write_json_atomic(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
