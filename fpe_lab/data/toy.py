@@ -475,17 +475,22 @@ class CurveDistribution(ToyDistribution):
 
     def _log_prob_and_score(self, x, alpha, sigma, want_score, progress):
         c, logw = self.nodes
-        c2 = c.pow(2).sum(-1)  # (K,)
-        s2 = alpha**2 * self.w**2 + sigma**2  # (n,)
+        # log m_j q_j − |x − alpha c_j|²/(2 s²) + |x|²/(2 s²) as one matmul of per-point features
+        # (alpha x/s², alpha²/s², 1) with per-node features (c_j, −|c_j|²/2, log-weight_j).
+        node_feat = torch.cat([c, -0.5 * c.pow(2).sum(-1, keepdim=True), logw[:, None]], dim=-1)  # (K, 4)
+        s2 = (alpha**2 * self.w**2 + sigma**2)[:, None]  # (n, 1)
         lps, scores = [], []
         for sl in _row_chunks(x.shape[0], c.shape[0], progress):
-            xa, a, v = x[sl], alpha[sl, None], s2[sl, None]
-            # |x − alpha c|² expanded: one matmul instead of a (chunk, K, 2) difference array
-            d2 = xa.pow(2).sum(-1, keepdim=True) - 2 * a * (xa @ c.T) + a**2 * c2[None]
-            log_n = logw[None] - 0.5 * d2 / v - torch.log(2 * math.pi * v)
-            lps.append(torch.logsumexp(log_n, dim=-1))
+            xa, a, v = x[sl], alpha[sl, None], s2[sl]
+            point_feat = torch.cat([a * xa / v, a**2 / v, torch.ones_like(v)], dim=-1)  # (m, 4)
+            log_n = point_feat @ node_feat.T  # (m, K)
+            top = log_n.amax(-1, keepdim=True).detach()
+            e = torch.exp(log_n - top)
+            total = e.sum(-1, keepdim=True)
+            lp = top + torch.log(total) - 0.5 * xa.pow(2).sum(-1, keepdim=True) / v - torch.log(2 * math.pi * v)
+            lps.append(lp[:, 0])
             if want_score:
-                mean = a * (torch.softmax(log_n, dim=-1) @ c)  # E[alpha y | x]
+                mean = a * (e @ c) / total  # E[alpha y | x]
                 scores.append((mean - xa) / v)
         lp = torch.cat(lps) if lps else x.new_zeros(0)
         return lp, (torch.cat(scores) if scores else x.new_zeros(0, 2)) if want_score else None
