@@ -31,6 +31,8 @@ __all__ = ["Truth", "MixtureTruth", "ToyTruth", "GridTruth"]
 
 def _scalar_time(t) -> float:
     tt = check_time(t)
+    if isinstance(t, (int, float)):
+        return float(t)  # keep the caller's float64 value (as_tensor would round it to float32)
     if tt.numel() != 1:
         raise ValueError(f"t must be a scalar time in [0, 1]; got shape {tuple(tt.shape)}")
     return float(tt.reshape(()))
