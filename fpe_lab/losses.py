@@ -118,7 +118,7 @@ class LossTerms:
         return bool(torch.isfinite(self.total).item())
 
     def floats(self) -> dict[str, float]:
-        return {"total": float(self.total), "dsm": float(self.dsm), "fpe": float(self.fpe)}
+        return {k: float(v.detach()) for k, v in (("total", self.total), ("dsm", self.dsm), ("fpe", self.fpe))}
 
 
 def _check_eps(eps: float) -> float:

@@ -241,15 +241,16 @@ def train(
                 )
             optimizer.step()
             ema_update(ema, model, ema_decay_at(step, options.ema_decay))
-            history[step] = torch.tensor([float(terms.total), float(terms.dsm), float(terms.fpe)], dtype=torch.float64)
+            vals = terms.floats()
+            history[step] = torch.tensor([vals["total"], vals["dsm"], vals["fpe"]], dtype=torch.float64)
             step += 1
             if step % options.ckpt_every == 0 or step == options.steps:
                 save()
             if callback is not None:
                 callback(step, terms)
             if options.progress:
-                for k, v in (("dsm", float(terms.dsm)), ("fpe", float(terms.fpe))):
-                    smooth[k] = v if k not in smooth else 0.95 * smooth[k] + 0.05 * v
+                for k in ("dsm", "fpe"):
+                    smooth[k] = vals[k] if k not in smooth else 0.95 * smooth[k] + 0.05 * vals[k]
                 bar.update(1)
                 if step % 10 == 0 or step == options.steps:
                     bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", fpe=f"{smooth['fpe']:.4g}", refresh=False)
