@@ -1,0 +1,376 @@
+"""fpe_lab.fpe: every score-FPE term against sympy, wrong scores against finite differences,
+Hutchinson unbiasedness, conservativity, image-shaped inputs and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analytic import gmm_terms
+from analytic.marginals import Kind
+from fpe_lab.fpe import (
+    ExactDivergence,
+    Hutchinson,
+    Probe,
+    curl_2d,
+    divergence,
+    jacobian,
+    jacobian_asymmetry,
+    log_density_fpe_residual,
+    score_fpe_residual,
+    score_fpe_terms,
+)
+from fpe_lab.gmm import GaussianMixture
+from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+
+SDES = [
+    (VESDE(), Kind.VE, {"sigma_min": 0.01, "sigma_max": 50.0}),
+    (VPSDE(), Kind.VP, {"beta_min": 0.1, "beta_max": 20.0}),
+    (SubVPSDE(), Kind.SUBVP, {"beta_min": 0.1, "beta_max": 20.0}),
+]
+SDE_IDS = ["VE", "VP", "subVP"]
+HYPOTHESIS = settings(max_examples=12, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.too_slow])
+
+
+def random_mixture(seed: int, n_comp: int, dim: int, min_var: float = 0.05):
+    """Weights in [0.1, 1], means in a box of side 4, SPD covariances A Aᵀ + min_var I."""
+    rng = np.random.default_rng(seed)
+    a = rng.uniform(-1, 1, size=(n_comp, dim, dim))
+    covs = a @ a.transpose(0, 2, 1) + min_var * np.eye(dim)
+    return rng.uniform(0.1, 1.0, n_comp), rng.uniform(-2, 2, size=(n_comp, dim)), covs, rng
+
+
+def points(rng, means, n):
+    return means[rng.integers(0, len(means), n)] + 1.5 * rng.normal(size=(n, means.shape[1]))
+
+
+def equation_scale(ref) -> np.ndarray:
+    """Per-sample size of the terms, sqrt(‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²)."""
+    h = 0.5 * ref["g2"][:, None]
+    parts = (ref["dt_s"], h * ref["grad_div_s"], h * ref["grad_sq_norm_s"], ref["grad_f_dot_s"])
+    return np.sqrt(sum(np.sum(p**2, -1) for p in parts))
+
+
+# float64 round-off in a third-order autograd chain and in the sympy ratios of p-derivatives,
+# amplified by cov condition numbers up to ~1e3: 1e-9 of the equation's size is ~1e6 ulps of headroom
+TERM_TOL = 1e-9
+
+
+@pytest.mark.analytic
+@HYPOTHESIS
+@given(mix=st.tuples(st.integers(0, 2**31 - 1), st.integers(1, 4), st.sampled_from([1, 2, 3])),
+       sde_index=st.integers(0, 2), t=st.floats(1e-3, 1.0))
+def test_every_term_equals_sympy_and_exact_residual_vanishes(mix, sde_index, t):
+    w, means, covs, rng = random_mixture(*mix)
+    sde, kind, params = SDES[sde_index]
+    x = points(rng, means, 12)
+    ref = gmm_terms.mixture_terms(kind, params, w, means, covs, x, t)
+    gmm = GaussianMixture(w, means, covs)
+    terms = score_fpe_terms(gmm.score_fn(sde), sde, torch.tensor(x), t)
+    scale = equation_scale(ref)[:, None]
+    half_g2 = 0.5 * ref["g2"][:, None]
+    np.testing.assert_allclose(terms.g2.numpy(), ref["g2"], rtol=1e-12)
+    pairs = {
+        "dt_s": (terms.dt_s, ref["dt_s"]),
+        "½g²∇∇·s": (half_g2 * terms.grad_div_s.numpy(), half_g2 * ref["grad_div_s"]),
+        "½g²∇‖s‖²": (half_g2 * terms.grad_sq_norm_s.numpy(), half_g2 * ref["grad_sq_norm_s"]),
+        "∇⟨f,s⟩": (terms.grad_f_dot_s, ref["grad_f_dot_s"]),
+        "∇∇·f": (terms.grad_div_f, ref["grad_div_f"]),
+    }
+    for name, (lib, r) in pairs.items():
+        err = np.abs(np.asarray(lib) - r)
+        assert np.all(err <= TERM_TOL * scale), f"{name}: max err/scale {np.max(err / scale):.2e}"
+    s_scale = np.abs(ref["s"]).max() + 1
+    np.testing.assert_allclose(terms.s.numpy(), ref["s"], rtol=TERM_TOL, atol=TERM_TOL * s_scale)
+    div = divergence(gmm.score_fn(sde), torch.tensor(x), t).numpy()
+    np.testing.assert_allclose(div, ref["div_s"], rtol=TERM_TOL, atol=TERM_TOL * s_scale**2)
+    # The exact score solves the score FPE: residual ~ round-off relative to the size of its terms.
+    r_terms = terms.residual.numpy()
+    r_fast = score_fpe_residual(gmm.score_fn(sde), sde, torch.tensor(x), t).numpy()
+    assert np.all(np.abs(r_terms) <= TERM_TOL * scale)
+    assert np.all(np.abs(r_fast) <= TERM_TOL * scale)
+    np.testing.assert_allclose(terms.scale.numpy(), scale[:, 0], rtol=1e-8)
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_log_density_residual_of_exact_mixture_vanishes(sde, kind, params):
+    w, means, covs, rng = random_mixture(21, 3, 2)
+    gmm = GaussianMixture(w, means, covs)
+    x = points(rng, means, 10)
+    t = 0.25
+    ref = gmm_terms.mixture_terms(kind, params, w, means, covs, x, t)
+    r = log_density_fpe_residual(lambda xx, tt: gmm.log_prob(xx, tt, sde), sde, torch.tensor(x), t).numpy()
+    size = np.abs(ref["dt_log_p"]) + 0.5 * ref["g2"] * (np.abs(ref["div_s"]) + np.sum(ref["s"] ** 2, -1))
+    assert np.all(np.abs(r) <= TERM_TOL * size)  # float64 round-off, as above
+    assert np.all(np.abs(ref["log_residual"]) <= TERM_TOL * size)
+
+
+# ----------------------------------------------------------------------------- wrong scores
+def fd_residual(score_fn, sde, x: torch.Tensor, t: float, h: float = 1e-3) -> torch.Tensor:
+    """R by central differences only (no autograd): ∂_t s, ∇·s, ∇·f and ∇φ each with step h.
+
+    Truncation O(h²) per difference; round-off ~ eps |s| / h² ~ 1e-10 for h = 1e-3.
+    """
+    b, dim = x.shape
+    tt = torch.full((b,), t, dtype=x.dtype)
+    eye = torch.eye(dim, dtype=x.dtype)
+
+    def div(fn, xx):
+        return sum((fn(xx + h * eye[i])[:, i] - fn(xx - h * eye[i])[:, i]) / (2 * h) for i in range(dim))
+
+    def phi(xx):
+        s = score_fn(xx, tt)
+        g2 = sde.diffusion(tt) ** 2
+        div_s = div(lambda z: score_fn(z, tt), xx)
+        div_f = div(lambda z: sde.drift(z, tt), xx)
+        return 0.5 * g2 * (div_s + (s**2).sum(-1)) - (sde.drift(xx, tt) * s).sum(-1) - div_f
+
+    dt_s = (score_fn(x, tt + h) - score_fn(x, tt - h)) / (2 * h)
+    grad_phi = torch.stack([(phi(x + h * eye[j]) - phi(x - h * eye[j])) / (2 * h) for j in range(dim)], -1)
+    return dt_s - grad_phi
+
+
+def _skew(dim: int, rng) -> torch.Tensor:
+    a = torch.tensor(rng.normal(size=(dim, dim)))
+    return a - a.T
+
+
+WRONG = ["other_time", "rotation"]
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize("wrong", WRONG)
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_wrong_score_has_residual_matching_finite_differences(sde, kind, params, dim, wrong):
+    w, means, covs, rng = random_mixture(31 + dim, 3, dim, min_var=0.3)
+    gmm = GaussianMixture(w, means, covs)
+    exact = gmm.score_fn(sde)
+    match wrong:
+        case "other_time":
+            def score_fn(x, t):
+                return exact(x, 0.8 * t)
+        case "rotation":
+            skew = 0.1 * _skew(dim, rng)
+
+            def score_fn(x, t):
+                return exact(x, t) + x @ skew.T.to(x)
+    x = torch.tensor(points(rng, means, 16))
+    t = 0.4
+    r = score_fpe_residual(score_fn, sde, x, t)
+    terms = score_fpe_terms(score_fn, sde, x, t)
+    r_fd = fd_residual(score_fn, sde, x, t)
+    size = terms.scale[:, None]
+    rel = (r.norm(dim=-1) / terms.scale).numpy()
+    # clearly nonzero: ~1e6 times the round-off level of the exact score's residual (TERM_TOL)
+    assert np.median(rel) > 1e-3, f"residual of a wrong score should be clearly nonzero; median rel {np.median(rel):.2e}"
+    # O(h²) truncation of nested central differences, h = 1e-3, on scores with cov eigenvalues >= 0.3
+    assert torch.all((r - r_fd).abs() <= 1e-4 * size), f"max |R − R_fd|/scale {((r - r_fd).abs() / size).max():.2e}"
+    torch.testing.assert_close(r, terms.residual, rtol=1e-10, atol=1e-10)  # two autograd routes, round-off
+
+
+@pytest.mark.analytic
+def test_fd_reference_detects_a_sign_error():
+    """The FD comparison can fail: R with the sign of ∇⟨f, s⟩ flipped does not match."""
+    sde = VPSDE()
+    w, means, covs, rng = random_mixture(40, 2, 2, min_var=0.3)
+    exact = GaussianMixture(w, means, covs).score_fn(sde)
+
+    def score_fn(x, t):
+        return exact(x, 0.8 * t)
+
+    x = torch.tensor(points(rng, means, 8))
+    terms = score_fpe_terms(score_fn, sde, x, 0.4)
+    wrong_r = terms.residual - 2 * terms.grad_f_dot_s
+    r_fd = fd_residual(score_fn, sde, x, 0.4)
+    assert not torch.all((wrong_r - r_fd).abs() <= 1e-4 * terms.scale[:, None])
+
+
+@pytest.mark.analytic
+def test_log_density_residual_is_consistent_with_score_residual():
+    """∇_x (log-density residual of log q) = score residual of ∇ log q, for a *wrong* q too."""
+    sde = SubVPSDE()
+    w, means, covs, rng = random_mixture(50, 2, 2, min_var=0.3)
+    gmm = GaussianMixture(w, means, covs)
+
+    def log_q(x, t):
+        return gmm.log_prob(x, 0.7 * t, sde)
+
+    def score_q(x, t):
+        return gmm.score(x, 0.7 * t, sde)
+
+    x = torch.tensor(points(rng, means, 8))
+    h = 1e-4
+    eye = torch.eye(2, dtype=x.dtype)
+    grad_r = torch.stack([
+        (log_density_fpe_residual(log_q, sde, x + h * eye[j], 0.3) - log_density_fpe_residual(log_q, sde, x - h * eye[j], 0.3))
+        / (2 * h) for j in range(2)], -1)
+    r = score_fpe_residual(score_q, sde, x, 0.3)
+    scale = score_fpe_terms(score_q, sde, x, 0.3).scale[:, None]
+    assert torch.all(r.norm(dim=-1) > 1e-2 * scale[:, 0])  # clearly nonzero
+    assert torch.all((grad_r - r).abs() <= 1e-6 * scale)  # O(h²) with h = 1e-4, round-off eps/h ~ 1e-12
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+@pytest.mark.analytic
+@pytest.mark.parametrize("probe", list(Probe))
+def test_hutchinson_is_unbiased_within_4_standard_errors(probe):
+    sde = VPSDE()
+    w, means, covs, rng = random_mixture(60, 3, 3)
+    gmm = GaussianMixture(w, means, covs)
+    exact = gmm.score_fn(sde)
+
+    def rotated(x, t):  # non-symmetric Jacobian with large off-diagonal entries: large probe variance
+        return exact(x, t) + x @ (0.5 * _skew(3, np.random.default_rng(0))).T.to(x)
+
+    n_pts, n_rep = 6, 2000
+    x = torch.tensor(points(rng, means, n_pts))
+    x_rep = x.repeat(n_rep, 1)  # n_rep independent single-probe estimates per point, one batched pass
+    est = Hutchinson(1, probe, torch.Generator().manual_seed(1))
+    div_exact = divergence(rotated, x, 0.3)
+    div_h = divergence(rotated, x_rep, 0.3, est).reshape(n_rep, n_pts)
+    r_exact = score_fpe_residual(rotated, sde, x, 0.3)
+    r_h = score_fpe_residual(rotated, sde, x_rep, 0.3, divergence=est).reshape(n_rep, n_pts, 3)
+    for sample, target in ((div_h, div_exact), (r_h, r_exact)):
+        se = sample.std(0) / math.sqrt(n_rep)
+        assert torch.all(se > 0)  # the estimator really is random here
+        z = (sample.mean(0) - target) / se
+        assert torch.all(z.abs() < 4), f"z-scores {z}"  # unbiased: |z| < 4 at this fixed seed
+    # Can fail: a probe scaled by 1.1 (E[v vᵀ] = 1.21 I) is biased and caught by the same z-test.
+    biased = (1.21 * div_h).mean(0)
+    assert torch.any(((biased - div_exact) / (div_h.std(0) * 1.21 / math.sqrt(n_rep))).abs() > 4)
+
+
+# ----------------------------------------------------------------------------- conservativity
+@pytest.mark.analytic
+def test_curl_of_gradient_is_zero_and_of_rotation_is_known():
+    sde = VESDE()
+    w, means, covs, rng = random_mixture(70, 3, 2)
+    exact = GaussianMixture(w, means, covs).score_fn(sde)
+    x = torch.tensor(points(rng, means, 20))
+    jac = jacobian(exact, x, 0.2)
+    # float64 round-off of the two mixed second derivatives, relative to the Jacobian's size
+    assert torch.all(curl_2d(exact, x, 0.2).abs() <= 1e-12 * jac.abs().amax((-1, -2)))
+    assert torch.all(jacobian_asymmetry(exact, x, 0.2) <= 1e-12 * jac.abs().amax((-1, -2)))
+    omega = 0.7
+
+    def rot(x, t):  # gradient field + ω(−y, x): curl 2ω, ‖J − Jᵀ‖_F = 2√2 |ω|
+        return exact(x, t) + omega * torch.stack([-x[:, 1], x[:, 0]], -1)
+
+    torch.testing.assert_close(curl_2d(rot, x, 0.2), torch.full((20,), 2 * omega, dtype=x.dtype), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(jacobian_asymmetry(rot, x, 0.2),
+                               torch.full((20,), 2 * math.sqrt(2) * omega, dtype=x.dtype), rtol=1e-10, atol=1e-10)
+    skew = _skew(3, rng)
+    x3 = torch.randn(5, 3, dtype=torch.float64)
+    asym = jacobian_asymmetry(lambda x, t: x @ skew.T + x**2, x3, 0.5)
+    torch.testing.assert_close(asym, torch.linalg.matrix_norm(2 * skew).expand(5), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- images, dtypes
+def _pixel_score(sde):
+    """Exact score of a product density: every pixel an independent 1D two-component mixture."""
+    gm1 = GaussianMixture([0.3, 0.7], [[-1.0], [1.5]], [[[0.2]], [[0.5]]])
+
+    def score_fn(x, t):
+        per = x[0].numel()
+        return gm1.score(x.reshape(-1, 1), t.repeat_interleave(per), sde).reshape(x.shape)
+
+    return score_fn
+
+
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_hutchinson_residual_on_image_shaped_input(sde, kind, params):
+    score_fn = _pixel_score(sde)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    exact_terms = score_fpe_terms(score_fn, sde, x, t)
+    scale = exact_terms.scale.reshape(3, 1, 1, 1)
+    for probe in Probe:
+        r = score_fpe_residual(score_fn, sde, x, t, divergence=Hutchinson(2, probe, torch.Generator().manual_seed(2)))
+        assert r.shape == x.shape
+        if probe is Probe.RADEMACHER:
+            # diagonal Jacobian: v_i² = 1 makes the Rademacher estimate exact; float64 round-off
+            assert torch.all(r.abs() <= 1e-10 * scale)
+        else:
+            assert torch.isfinite(r).all()
+    r_exact = score_fpe_residual(score_fn, sde, x, t)
+    assert torch.all(r_exact.abs() <= 1e-10 * scale)  # exact score: round-off only
+    wrong = score_fpe_residual(lambda xx, tt: score_fn(xx, 0.5 * tt), sde, x, t,
+                               divergence=Hutchinson(1, Probe.RADEMACHER, torch.Generator().manual_seed(3)))
+    assert wrong.abs().amax() > 1e-2 * scale.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtypes_are_kept_and_float32_agrees(dtype):
+    sde = VPSDE()
+    w, means, covs, rng = random_mixture(80, 2, 2, min_var=0.3)
+    gmm = GaussianMixture(w, means, covs)
+    x64 = torch.tensor(points(rng, means, 8))
+    terms64 = score_fpe_terms(gmm.score_fn(sde), sde, x64, 0.5)
+    r = score_fpe_residual(gmm.score_fn(sde), sde, x64.to(dtype), 0.5)
+    assert r.dtype == dtype
+    # float32: eps 1.2e-7 through a third-order chain with condition ~1e2; float64: round-off
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    assert torch.all(r.double().abs() <= tol * terms64.scale[:, None])
+
+
+def test_create_graph_trains_through_the_residual():
+    from fpe_lab.model import ScoreModel
+    from fpe_lab.nets.mlp import TimeMLP
+
+    torch.manual_seed(0)
+    model = ScoreModel(TimeMLP(dim=2, width=16, depth=2, n_freq=2), VPSDE()).double()
+    x = torch.randn(8, 2, dtype=torch.float64)
+    r = score_fpe_residual(model, VPSDE(), x, torch.rand(8, dtype=torch.float64) * 0.9 + 0.05, create_graph=True)
+    r.pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    assert not score_fpe_residual(model, VPSDE(), x, 0.5).requires_grad  # default: detached
+
+
+def test_bad_input_raises():
+    sde = VPSDE()
+    gmm = GaussianMixture([1.0], [[0.0, 0.0]], [np.eye(2)])
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"score_fn\(x, t\) must return the shape of x"):
+        score_fpe_residual(lambda xx, tt: xx[:, :1], sde, x, 0.5)
+    with pytest.raises(ValueError, match=r"x must be a floating tensor of shape \(b, \*dims\)"):
+        score_fpe_residual(gmm.score_fn(sde), sde, torch.zeros(4, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="x must be a floating tensor"):
+        score_fpe_terms(gmm.score_fn(sde), sde, torch.zeros(4, 2, dtype=torch.long), 0.5)
+    with pytest.raises(ValueError, match="x must be finite"):
+        score_fpe_residual(gmm.score_fn(sde), sde, torch.full((4, 2), math.nan, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="t must lie in"):
+        score_fpe_residual(gmm.score_fn(sde), sde, x, 1.2)
+    with pytest.raises(ValueError, match="t must lie in"):
+        score_fpe_terms(gmm.score_fn(sde), sde, x, torch.tensor([0.1, 0.2, -0.1, 0.3]))
+    with pytest.raises(ValueError, match="t has shape"):
+        score_fpe_residual(gmm.score_fn(sde), sde, x, torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="D = 2"):
+        score_fpe_residual(gmm.score_fn(sde), sde, torch.zeros(4, 3, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match=r"log_prob_fn\(x, t\) must return shape \(4,\)"):
+        log_density_fpe_residual(lambda xx, tt: xx.sum(-1, keepdim=True), sde, x, 0.5)
+    with pytest.raises(ValueError, match="jacobian needs x of shape"):
+        jacobian(lambda xx, tt: xx, torch.zeros(2, 1, 2, 2, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="curl_2d needs x of shape"):
+        curl_2d(lambda xx, tt: xx, torch.zeros(2, 3, dtype=torch.float64), 0.5)
+    with pytest.raises(ValueError, match="n_probes must be an int >= 1"):
+        Hutchinson(0)
+    with pytest.raises(ValueError, match="probe must be a fpe_lab.fpe.Probe"):
+        Hutchinson(1, "gaussian")
+
+
+def test_exact_divergence_matches_jacobian_trace():
+    w, means, covs, rng = random_mixture(90, 3, 3)
+    fn = GaussianMixture(w, means, covs).score_fn(SubVPSDE())
+    x = torch.tensor(points(rng, means, 6))
+    jac = jacobian(fn, x, 0.3)
+    # same derivatives by two loops of reverse passes: round-off only
+    torch.testing.assert_close(divergence(fn, x, 0.3), torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1), rtol=1e-12, atol=1e-12)
+    assert repr(ExactDivergence()) == "ExactDivergence()"
