@@ -113,6 +113,63 @@ def _silu_jet(z: torch.Tensor, dz: torch.Tensor, d: int) -> tuple[torch.Tensor, 
     return y, torch.cat([phi1 * dz[: 1 + d], second], dim=0)
 
 
+class _SiLUJet(torch.autograd.Function):
+    """:func:`_silu_jet` with a hand-written backward: the same values, fewer passes over memory.
+
+    Autograd of :func:`_silu_jet` keeps ~10 intermediate (K, b, H) tensors per layer and replays
+    index/cat/broadcast backward ops; this saves only (z, dz) and recomputes φ', φ'', φ''' in the
+    backward. With G = ∂L/∂y, G_j = ∂L/∂y_j (j over all K streams, p = (k, l) over pairs):
+
+        ∂L/∂z    = G φ' + φ'' Σ_j G_j z_j + φ''' Σ_p G_p z_k z_l
+        ∂L/∂z_j  = G_j φ'  (+ φ'' Σ_p G_p (δ_jk z_l + δ_jl z_k) for the first-order streams j < D)
+
+    φ''' = σ' (3 (1 − 2σ) + z ((1 − 2σ)² − 2σ')), σ' = σ(1 − σ). Checked against
+    :func:`_silu_jet` and by ``torch.autograd.gradcheck`` in tests/test_jet.py.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, dz: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sig = torch.sigmoid(z)
+        s1 = sig * (1 - sig)
+        phi1 = sig + z * s1
+        phi2 = s1 * (2 + z * (1 - 2 * sig))
+        dy = dz * phi1
+        grad, second = dz[1 : 1 + d], dy[1 + d :]
+        p = 0
+        for k in range(d):
+            phi2_gk = phi2 * grad[k]
+            for l in range(k, d):
+                second[p].addcmul_(phi2_gk, grad[l])
+                p += 1
+        ctx.save_for_backward(z, dz)
+        ctx.d = d
+        return z * sig, dy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_y: torch.Tensor, g_dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        z, dz = ctx.saved_tensors
+        d = ctx.d
+        sig = torch.sigmoid(z)
+        s1 = sig * (1 - sig)
+        c = 1 - 2 * sig
+        phi1 = sig + z * s1
+        phi2 = s1 * (2 + z * c)
+        phi3 = s1 * (3 * c + z * (c * c - 2 * s1))
+        g_dz = g_dy * phi1
+        g_z = g_y * phi1 + phi2 * (g_dy * dz).sum(0)
+        grad, g_grad, acc3 = dz[1 : 1 + d], g_dz[1 : 1 + d], torch.zeros_like(z)
+        p = 0
+        for k in range(d):
+            for l in range(k, d):
+                w = phi2 * g_dy[1 + d + p]
+                g_grad[k].addcmul_(w, grad[l])
+                g_grad[l].addcmul_(w, grad[k])
+                acc3.addcmul_(g_dy[1 + d + p] * grad[k], grad[l])
+                p += 1
+        return g_z + phi3 * acc3, g_dz, None
+
+
 def _net_jet(net: TimeMLP, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """n(x, t) of shape (b, D) and its derivative streams (K, b, D), K = 1 + D + D(D+1)/2."""
     d = x.shape[1]
@@ -131,7 +188,7 @@ def _net_jet(net: TimeMLP, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tens
     dz_t = de @ first.weight[:, d:].T  # (b, H)
     dh = torch.cat([(phi1 * dz_t)[None], phi1 * w_x, phi2 * (w_x[k.to(z.device)] * w_x[l.to(z.device)])])
     for layer in net.hidden[1:]:
-        h, dh = _silu_jet(F.linear(h, layer.weight, layer.bias), dh @ layer.weight.T, d)
+        h, dh = _SiLUJet.apply(F.linear(h, layer.weight, layer.bias), dh @ layer.weight.T, d)
     return F.linear(h, net.out.weight, net.out.bias), dh @ net.out.weight.T
 
 
