@@ -6,7 +6,10 @@ D-dimensional points. Three variants per MLP size, same initial weights and batc
 * ``dsm``          DSM only (sigma² weighting);
 * ``fpe-generic``  DSM + lam·E w(t)‖R‖², R from fpe_lab.fpe.score_fpe_residual (JVP in t + D reverse
                    passes for ∇·s + one reverse pass for ∇φ, all with create_graph=True);
-* ``fpe-jet``      the same loss, R from fpe_lab.nets.jet.jet_score_fpe_residual (one jet pass).
+* ``fpe-jet``      the same loss, R from fpe_lab.nets.jet.jet_score_fpe_residual (one jet pass);
+* ``fpe-jet-shared`` the same loss again, but DSM takes s from the jet's value stream instead of a
+                   second forward pass (built here from fpe_lab.losses' pieces, since ScoreFPELoss
+                   calls the score and the residual separately); checked equal to ``fpe-jet``'s loss.
 
 Time: the variants run round-robin (each repeat runs ``--steps`` steps of every variant in turn), so
 load drifts on a shared machine hit all of them alike; the ratio is the median over repeats of
@@ -40,15 +43,15 @@ import torch
 from tqdm import tqdm
 
 from fpe_lab.fpe import score_fpe_residual
-from fpe_lab.losses import FPERegularizer, ScoreFPELoss
+from fpe_lab.losses import FPERegularizer, LossTerms, ScoreFPELoss, perturb
 from fpe_lab.model import ScoreModel
-from fpe_lab.nets.jet import jet_score_fpe_residual
+from fpe_lab.nets.jet import jet_score_fpe_residual, residual_from_jet, score_jet
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
 log = logging.getLogger("bench_train_step")
 
-VARIANTS = ("dsm", "fpe-generic", "fpe-jet")
+VARIANTS = ("dsm", "fpe-generic", "fpe-jet", "fpe-jet-shared")
 
 
 @dataclass(frozen=True)
@@ -75,16 +78,28 @@ class Trainer:
                 reg = None
             case "fpe-generic":
                 reg = FPERegularizer(lam=0.1, residual=score_fpe_residual)
-            case "fpe-jet":
+            case "fpe-jet" | "fpe-jet-shared":
                 reg = FPERegularizer(lam=0.1, residual=jet_score_fpe_residual)
             case _:
                 raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         self.loss = ScoreFPELoss(setup.sde, eps=1e-5, regularizer=reg)
+        self.shared = variant == "fpe-jet-shared"
         self.gen = torch.Generator(device=setup.device).manual_seed(seed + 1)
         self.x0 = torch.randn(setup.batch, setup.dim, generator=self.gen, device=setup.device, dtype=setup.dtype)
 
+    def shared_loss(self) -> LossTerms:
+        """ScoreFPELoss with a jet regularizer at the perturbed points, s taken from the jet."""
+        loss, reg = self.loss, self.loss.regularizer
+        t, z = loss.draw(self.x0, self.gen)
+        x_t = perturb(loss.sde, self.x0, t, z)
+        jet = score_jet(self.model, x_t, t)
+        sigma = loss.sde.marginal(t)[1][:, None]
+        dsm = (loss.weighting.weight(loss.sde, t) * (jet.value + z / sigma).pow(2).sum(-1)).mean()
+        fpe = (reg.weighting.weight(loss.sde, t) * residual_from_jet(jet, loss.sde, x_t, t).pow(2).sum(-1)).mean()
+        return LossTerms(total=dsm + reg.lam * fpe, dsm=dsm, fpe=fpe)
+
     def step(self) -> float:
-        terms = self.loss(self.model, self.x0, self.gen)
+        terms = self.shared_loss() if self.shared else self.loss(self.model, self.x0, self.gen)
         self.opt.zero_grad(set_to_none=True)
         terms.total.backward()
         self.opt.step()
@@ -121,7 +136,22 @@ def peak_step_memory(trainer: Trainer, device: torch.device) -> int:
     return max(0, max(itertools.accumulate(e.nbytes() for e in records)))
 
 
+def check_shared_loss(setup: Setup) -> None:
+    """The shared-forward loss is the same number as ScoreFPELoss with the jet residual."""
+    tr = Trainer("fpe-jet-shared", setup)
+    state = tr.gen.get_state()
+    shared = tr.shared_loss()
+    tr.gen.set_state(state)
+    reference = tr.loss(tr.model, tr.x0, tr.gen)
+    for name in ("dsm", "fpe"):
+        a, b = getattr(shared, name).item(), getattr(reference, name).item()
+        # float32 round-off of two evaluation orders of the same term
+        if abs(a - b) > 1e-4 * abs(b):
+            raise RuntimeError(f"shared-forward {name} term {a} differs from ScoreFPELoss's {b}")
+
+
 def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
+    check_shared_loss(setup)
     trainers = {v: Trainer(v, setup) for v in VARIANTS}
     for tr in trainers.values():
         for _ in range(warmup):
@@ -215,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"header": header, "sizes": {}}
     mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations"
     print(f"\n{header}\npeak memory: {mem_kind}, above the memory live before the step")
-    print(f"{'MLP':>8} {'variant':>12} {'ms/step':>9} {'x DSM time':>11} {'(range)':>13} {'peak MiB':>9} {'x DSM mem':>10}")
+    print(f"{'MLP':>8} {'variant':>15} {'ms/step':>9} {'x DSM time':>11} {'(range)':>13} {'peak MiB':>9} {'x DSM mem':>10}")
     for width in args.widths:
         setup = Setup(width=width, depth=args.depth, dim=args.dim, batch=args.batch, sde=sde, device=device)
         res = bench_size(setup, args.steps, args.repeats, args.warmup)
@@ -224,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         for v, r in res.items():
             lo, hi = r["time_ratio_range"]
             print(
-                f"{name:>8} {v:>12} {r['ms_per_step_median']:9.1f} {r['time_ratio_median']:11.2f} "
+                f"{name:>8} {v:>15} {r['ms_per_step_median']:9.1f} {r['time_ratio_median']:11.2f} "
                 f"{f'{lo:.2f}-{hi:.2f}':>13} {r['peak_step_mib']:9.1f} {r['memory_ratio']:10.2f}"
             )
     if args.out is not None:

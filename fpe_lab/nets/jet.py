@@ -47,7 +47,7 @@ from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import SDE, LinearSDE
 from fpe_lab.shapes import batch_time
 
-__all__ = ["ScoreJet", "score_jet", "jet_score_fpe_residual"]
+__all__ = ["ScoreJet", "score_jet", "residual_from_jet", "jet_score_fpe_residual"]
 
 
 def _pairs(d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +230,31 @@ def score_jet(model: ScoreModel, x: torch.Tensor, t: torch.Tensor | float) -> Sc
     return ScoreJet(value=s, dt=dt_s, jacobian=jac, hessian_packed=hess)
 
 
+def _check_linear_sde(sde: SDE) -> LinearSDE:
+    if not isinstance(sde, LinearSDE):
+        raise ValueError(
+            f"sde must be a fpe_lab.sde.LinearSDE (drift a(t) x: VE, VP, sub-VP) for the jet path; "
+            f"got {type(sde).__name__}"
+        )
+    return sde
+
+
+def residual_from_jet(jet: ScoreJet, sde: LinearSDE, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """R = ∂_t s − [½g² (∇(∇·s) + 2Jᵀs) − a(t) (Jᵀx + s)] from a jet of s at (x, t), shape (b, D).
+
+    For a loss that also needs s at the same points (DSM at the perturbed points): take ``jet.value``
+    instead of a second forward pass. Differentiable w.r.t. whatever ``jet`` depends on.
+    """
+    sde = _check_linear_sde(sde)
+    tt = batch_time(t, x).detach()
+    s, jac = jet.value, jet.jacobian
+    g2 = sde.diffusion(tt)[:, None] ** 2
+    a = sde.drift_coef(tt)[:, None]
+    jt_s = torch.einsum("bik,bi->bk", jac, s)  # Jᵀs = ½∇‖s‖²
+    jt_x = torch.einsum("bik,bi->bk", jac, x.detach())  # Jᵀx, so ∇⟨f, s⟩ = a (Jᵀx + s)
+    return jet.dt - (0.5 * g2 * (jet.grad_div + 2 * jt_s) - a * (jt_x + s))
+
+
 def jet_score_fpe_residual(
     model: ScoreModel,
     sde: SDE,
@@ -255,18 +280,7 @@ def jet_score_fpe_residual(
         raise ValueError(
             f"divergence must be None or fpe.ExactDivergence() for the jet path (it is exact); got {divergence!r}"
         )
-    if not isinstance(sde, LinearSDE):
-        raise ValueError(
-            f"sde must be a fpe_lab.sde.LinearSDE (drift a(t) x: VE, VP, sub-VP) for the jet path; "
-            f"got {type(sde).__name__}"
-        )
+    _check_linear_sde(sde)
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-        jet = score_jet(model, x, t)
-        tt = batch_time(t, x).detach()
-        s, jac = jet.value, jet.jacobian
-        g2 = sde.diffusion(tt)[:, None] ** 2
-        a = sde.drift_coef(tt)[:, None]
-        jt_s = torch.einsum("bik,bi->bk", jac, s)  # Jᵀs = ½∇‖s‖²
-        jt_x = torch.einsum("bik,bi->bk", jac, x.detach())  # Jᵀx, so ∇⟨f, s⟩ = a (Jᵀx + s)
-        r = jet.dt - (0.5 * g2 * (jet.grad_div + 2 * jt_s) - a * (jt_x + s))
+        r = residual_from_jet(score_jet(model, x, t), sde, x, t)
     return r if create_graph else r.detach()
