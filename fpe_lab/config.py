@@ -125,6 +125,7 @@ class Toy2dConfig:
     # evaluation
     eval_points: int = 1000
     eval_nll_points: int = 300
+    eval_samples: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("data", "sde", "reg", "weighting", "fpe_weighting", "fpe_points", "residual_path", "device"):
@@ -139,7 +140,7 @@ class Toy2dConfig:
         if self.grad_clip is not None:
             _check_float("grad_clip", self.grad_clip, 0.0, lo_open=True)
         for name, lo in (("width", 1), ("depth", 1), ("n_freq", 0), ("steps", 1), ("batch", 1), ("seed", 0),
-                         ("ckpt_every", 1), ("eval_points", 1), ("eval_nll_points", 1)):
+                         ("ckpt_every", 1), ("eval_points", 2), ("eval_nll_points", 0), ("eval_samples", 0)):
             _check_int(name, getattr(self, name), lo)
         if self.fpe_batch is not None:
             _check_int("fpe_batch", self.fpe_batch, 1)
