@@ -22,6 +22,7 @@ import logging
 import warnings
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
 from fpe_lab.groundtruth.diagnostics import WALL_TOL, ResolutionWarning, check_resolution, check_walls
@@ -152,7 +153,7 @@ def solve_fokker_planck(
                     f"method=Method.CONVOLUTION needs an SDE with a Gaussian transition (a marginal(t) method); "
                     f"{type(sde).__name__} has none: use Method.FINITE_VOLUME"
                 )
-            for i, ti in enumerate(t):
+            for i, ti in enumerate(tqdm(t, desc="Gaussian convolution", unit="time", disable=not progress, leave=False)):
                 if ti == 0:
                     continue
                 log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid)
