@@ -62,6 +62,7 @@ class Setup:
     batch: int
     sde: LinearSDE
     device: torch.device
+    n_freq: int = 8
     dtype: torch.dtype = torch.float32
 
 
@@ -70,7 +71,7 @@ class Trainer:
 
     def __init__(self, variant: str, setup: Setup, seed: int = 0) -> None:
         torch.manual_seed(seed)
-        net = TimeMLP(dim=setup.dim, width=setup.width, depth=setup.depth)
+        net = TimeMLP(dim=setup.dim, width=setup.width, depth=setup.depth, n_freq=setup.n_freq)
         self.model = ScoreModel(net, setup.sde).to(setup.device, setup.dtype)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
         match variant:
@@ -150,6 +151,20 @@ def check_shared_loss(setup: Setup) -> None:
             raise RuntimeError(f"shared-forward {name} term {a} differs from ScoreFPELoss's {b}")
 
 
+def matmul_flop_ratio(setup: Setup) -> dict[str, float | None]:
+    """Matmul FLOPs of a step relative to DSM's, counting a backward pass as 2 forward passes.
+
+    DSM forward: 2b [(D + 2F) H + (L − 1) H² + H D]. The jet adds K = 1 + D + D(D+1)/2 streams
+    through layers 2..L and the output (the first layer's spatial streams are W1's columns; its
+    ∂_t stream is a (2F × H) product). The generic path is not counted (nested autograd).
+    """
+    b, d, h, depth, n_freq = setup.batch, setup.dim, setup.width, setup.depth, setup.n_freq
+    k = 1 + d + d * (d + 1) // 2
+    dsm = 2 * b * ((d + 2 * n_freq) * h + (depth - 1) * h * h + h * d)
+    streams = 2 * b * (2 * n_freq * h + k * ((depth - 1) * h * h + h * d))
+    return {"dsm": 1.0, "fpe-generic": None, "fpe-jet": (2 * dsm + streams) / dsm, "fpe-jet-shared": (dsm + streams) / dsm}
+
+
 def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
     check_shared_loss(setup)
     trainers = {v: Trainer(v, setup) for v in VARIANTS}
@@ -166,6 +181,7 @@ def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
             _sync(setup.device)
             times[v].append((time.perf_counter() - t0) / steps)
     mem = {v: peak_step_memory(tr, setup.device) for v, tr in trainers.items()}
+    flops = matmul_flop_ratio(setup)
     out = {}
     for v in VARIANTS:
         ratios = [a / b for a, b in zip(times[v], times["dsm"])]
@@ -176,6 +192,7 @@ def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
             "time_ratio_range": [min(ratios), max(ratios)],
             "peak_step_mib": mem[v] / 2**20,
             "memory_ratio": mem[v] / mem["dsm"] if mem["dsm"] else float("nan"),
+            "matmul_flop_ratio": flops[v],
         }
     return out
 
@@ -245,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"header": header, "sizes": {}}
     mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "torch.profiler CPU allocations"
     print(f"\n{header}\npeak memory: {mem_kind}, above the memory live before the step")
-    print(f"{'MLP':>8} {'variant':>15} {'ms/step':>9} {'x DSM time':>11} {'(range)':>13} {'peak MiB':>9} {'x DSM mem':>10}")
+    print(f"{'MLP':>8} {'variant':>15} {'ms/step':>9} {'x DSM time':>11} {'(range)':>13} {'peak MiB':>9} {'x DSM mem':>10} {'x DSM mm-FLOP':>14}")
     for width in args.widths:
         setup = Setup(width=width, depth=args.depth, dim=args.dim, batch=args.batch, sde=sde, device=device)
         res = bench_size(setup, args.steps, args.repeats, args.warmup)
@@ -255,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
             lo, hi = r["time_ratio_range"]
             print(
                 f"{name:>8} {v:>15} {r['ms_per_step_median']:9.1f} {r['time_ratio_median']:11.2f} "
-                f"{f'{lo:.2f}-{hi:.2f}':>13} {r['peak_step_mib']:9.1f} {r['memory_ratio']:10.2f}"
+                f"{f'{lo:.2f}-{hi:.2f}':>13} {r['peak_step_mib']:9.1f} {r['memory_ratio']:10.2f} "
+                f"{'-' if r['matmul_flop_ratio'] is None else format(r['matmul_flop_ratio'], '.2f'):>14}"
             )
     if args.out is not None:
         _write_json_atomic(args.out, results)
