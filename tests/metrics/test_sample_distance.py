@@ -57,6 +57,14 @@ def test_mmd2_matches_closed_form_for_two_gaussians():
     assert exact > 10 * sem  # and the test can tell it from 0
 
 
+def test_mmd2_is_unbiased_for_identical_laws():
+    """E[MMD²_u] = 0 when P = Q; the biased V-statistic would sit at ~2/(n − 1) · (1 − E k) > 0."""
+    g = gen(8)
+    est = torch.tensor([mmd2(torch.randn(40, 2, generator=g), torch.randn(40, 2, generator=g)) for _ in range(300)],
+                       dtype=torch.float64)
+    assert abs(est.mean()) < 4 * est.std() / math.sqrt(len(est))  # CLT over 300 repeats, 4 standard errors
+
+
 def test_floor_separates_identical_from_shifted_laws():
     sample = lambda n, g: torch.randn(n, 2, generator=g, dtype=torch.float64)  # noqa: E731
     g = gen(6)
