@@ -1,14 +1,9 @@
 r"""Quantized image data sets: CIFAR-10 from its Python-pickle batches, and scikit-learn's 8×8 digits.
 
 Pixels are stored as integers k ∈ {0, …, L−1} (L = ``levels``: 256 for CIFAR-10, 17 for digits) of shape
-(n, C, H, W). Two maps to model space x ∈ [−1, 1]:
-
-* training:           x = 2 k / (L − 1) − 1                    (exactly [−1, 1], as Score SDE);
-* likelihood (dequantized): x = 2 (k + u) / L − 1,  u ~ U[0, 1)^D  (uniform dequantization).
-
-With z = k + u, −E log p_z(z) upper-bounds −log P(k) (Jensen), and log p_z = log p_x + D log(2/L), so
-
-    bits/dim = NLL_x / (D ln 2) + log2(L) − 1              (= NLL_x/(D ln 2) + 7 for 8-bit images).
+(n, C, H, W) and mapped to model space by x = 2 k / (L − 1) − 1 ∈ [−1, 1] (as Score SDE). For bits/dim,
+``fpe_lab.likelihood.UniformDequantization(levels, -1, 1)`` dequantizes exactly these grid values
+(x → −1 + 2(k + u)/L) and adds the bin-width term (7 bits/dim for L = 256).
 
 No download happens at run time: CIFAR-10 must already be on disk (``cifar-10-python.tar.gz`` from
 https://www.cs.toronto.edu/~kriz/cifar.html, extracted). The pickles are read with an unpickler that
@@ -97,17 +92,6 @@ class ImageDataset:
     def scale(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Training map x = 2k/(L−1) − 1 ∈ [−1, 1], same shape as ``pixels``."""
         return pixels.to(dtype) * (2.0 / (self.levels - 1)) - 1.0
-
-    def dequantize(
-        self, pixels: torch.Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Likelihood map x = 2(k + u)/L − 1 with u ~ U[0, 1)^D, same shape as ``pixels``."""
-        u = torch.rand(pixels.shape, generator=generator, dtype=dtype, device=pixels.device)
-        return (pixels.to(dtype) + u) * (2.0 / self.levels) - 1.0
-
-    def bits_per_dim(self, nll: torch.Tensor) -> torch.Tensor:
-        """bits/dim = NLL_x / (D ln 2) + log2(L) − 1 for NLL_x (nats, per sample, of dequantized x)."""
-        return nll / (self.dim * math.log(2.0)) + math.log2(self.levels) - 1.0
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, hflip: bool = False, dtype: torch.dtype = torch.float32

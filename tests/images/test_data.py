@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 
@@ -38,15 +37,17 @@ def test_layout_and_scaling(cifar):
     assert batch.shape == (5, 3, 32, 32) and batch.min() >= -1 and batch.max() <= 1
 
 
-def test_dequantization_and_bits_per_dim(cifar):
+def test_grid_matches_likelihood_dequantization(cifar):
+    """The training map k → x lies on the grid fpe_lab.likelihood.UniformDequantization dequantizes."""
+    from fpe_lab.likelihood import UniformDequantization
+
     data = load_cifar10(cifar, ImageSplit.TEST)
-    k = data.pixels[:2]
-    x = data.dequantize(k, torch.Generator().manual_seed(0), torch.float64)
-    z = (x + 1) * data.levels / 2  # back to k + u
-    assert ((z - k.double()) >= 0).all() and ((z - k.double()) < 1).all()
-    # uniform density on [−1, 1]^D has NLL_x = D ln 2, i.e. 1 bit/dim in x; in pixel bins it is 8 bits/dim
-    nll_uniform = torch.tensor([data.dim * math.log(2.0)], dtype=torch.float64)
-    assert data.bits_per_dim(nll_uniform).item() == pytest.approx(8.0, abs=1e-12)  # float64 round-off
+    x = data.scale(data.pixels, torch.float64)
+    deq = UniformDequantization(data.levels, -1.0, 1.0)
+    assert torch.equal(deq.levels_of(x), data.pixels.double())
+    assert deq.offset_bits_per_dim == pytest.approx(7.0, abs=1e-12)  # float64 round-off
+    with pytest.raises(ValueError, match="levels"):  # a wrong level count is caught
+        UniformDequantization(17, -1.0, 1.0).levels_of(x)
 
 
 def test_missing_files_named(tmp_path, cifar):
