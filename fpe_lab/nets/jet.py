@@ -24,11 +24,17 @@ next to the value: 6 at D = 2 (7 streams with the value). The rules are
 * input [x, e(t)]:     ∂_k x = unit vector, ∂²x = 0, ∂_t e(t) = ω ⊙ [cos ωt, −sin ωt];
 * s = −n/sigma(t):     ∂_t s = −(∂_t n + s sigma') / sigma, spatial streams divided by −sigma.
 
-The result is plain differentiable torch code, so with ``create_graph=True`` the residual can be
-trained through (the FPE regularizer), and gradients w.r.t. the parameters are those of the generic
-path. To use it as the residual function of a loss:
-``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and result as
+The result is differentiable torch code (the hidden SiLU layers use :class:`_SiLUJet`, an autograd
+Function with a hand-written backward that saves only its inputs; :func:`_silu_jet` is the plain
+reference it is tested against), so with ``create_graph=True`` the residual can be trained through
+(the FPE regularizer), and gradients w.r.t. the parameters are those of the generic path.
+
+Use: ``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and result as
 :func:`fpe_lab.fpe.score_fpe_residual`, with a ``ScoreModel(TimeMLP, sde)`` as the score function).
+A loss that evaluates s at the same points (DSM at the perturbed points) can instead call
+``score_jet`` once and take s from ``jet.value`` and R from ``residual_from_jet``: one forward
+pass fewer. Cost per training step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about
+7 matmul streams, so ~7-8x a DSM step (~6-7x with the shared value), vs ~10-13x for the generic path.
 """
 
 from __future__ import annotations
