@@ -176,13 +176,13 @@ class ToyDistribution(abc.ABC):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p_0(x), shape (n,), float64, differentiable in x."""
         x = _check_x(x)
-        one = torch.ones(x.shape[0], dtype=torch.float64)
+        one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         return self._log_prob_and_score(x, one, torch.zeros_like(one), False, False)[0]
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """∇ log p_0(x), shape (n, 2), float64."""
         x = _check_x(x)
-        one = torch.ones(x.shape[0], dtype=torch.float64)
+        one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         return self._log_prob_and_score(x, one, torch.zeros_like(one), True, False)[1]
 
     def perturbed_log_prob(self, x: torch.Tensor, t, sde) -> torch.Tensor:
@@ -198,15 +198,16 @@ class ToyDistribution(abc.ABC):
         return self._log_prob_and_score(x, alpha, sigma, True, False)[1]
 
     def score_fn(self, sde):
-        """The exact perturbed score as ``score_fn(x, t) -> s`` (float64), interchangeable with a network."""
-        return lambda x, t: self.perturbed_score(x, t, sde)
+        """The exact perturbed score as ``score_fn(x, t) -> s`` in the dtype of x, interchangeable with a
+        network (computed in float64)."""
+        return lambda x, t: self.perturbed_score(x, t, sde).to(x.dtype)
 
     def density(self, grid: Grid) -> np.ndarray:
         """p_0 at the cell centres of a 2D grid, shape ``grid.shape``, float64."""
         if not isinstance(grid, Grid) or grid.ndim != 2:
             raise ValueError(f"grid must be a 2D fpe_lab.groundtruth.Grid; got {grid!r}")
         x = torch.from_numpy(grid.coords.reshape(-1, 2)).to(torch.float64)
-        one = torch.ones(x.shape[0], dtype=torch.float64)
+        one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
         with torch.no_grad():
             lp, _ = self._log_prob_and_score(x, one, torch.zeros_like(one), False, True)
         return lp.exp().reshape(grid.shape).numpy()
@@ -232,16 +233,18 @@ class _MixtureDistribution(ToyDistribution):
 
     def _log_prob_and_score(self, x, alpha, sigma, want_score, progress):
         gm = self.mixture
+        means, covs, log_w = gm.means.to(x.device), gm.covs.to(x.device), torch.log(gm.weights).to(x.device)
         a = alpha[:, None, None]
-        mean = a * gm.means[None]  # (n, K, 2)
-        cov = a[..., None] ** 2 * gm.covs[None] + sigma[:, None, None, None] ** 2 * torch.eye(2, dtype=x.dtype)
+        mean = a * means[None]  # (n, K, 2)
+        eye = torch.eye(2, dtype=x.dtype, device=x.device)
+        cov = a[..., None] ** 2 * covs[None] + sigma[:, None, None, None] ** 2 * eye
         lps, scores = [], []
         for sl in _row_chunks(x.shape[0], gm.n_components, progress):
             chol = torch.linalg.cholesky(cov[sl])
             diff = (x[sl, None, :] - mean[sl]).unsqueeze(-1)
             white = torch.linalg.solve_triangular(chol, diff, upper=False)
             logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-            log_wn = torch.log(gm.weights)[None] - 0.5 * (white.squeeze(-1).pow(2).sum(-1) + logdet + 2 * _LOG_2PI)
+            log_wn = log_w[None] - 0.5 * (white.squeeze(-1).pow(2).sum(-1) + logdet + 2 * _LOG_2PI)
             lps.append(torch.logsumexp(log_wn, dim=-1))
             if want_score:
                 comp = -torch.linalg.solve_triangular(chol.transpose(-1, -2), white, upper=True).squeeze(-1)
@@ -383,7 +386,7 @@ class Checkerboard(ToyDistribution):
     def _log_prob_and_score(self, x, alpha, sigma, want_score, progress):
         s = torch.sqrt(alpha**2 * self.w**2 + sigma**2)[:, None, None]  # (n, 1, 1)
         a = alpha[:, None, None]
-        lo = a * self._lower_corners[None]  # (n, 8, 2)
+        lo = a * self._lower_corners.to(x.device)[None]  # (n, 8, 2)
         hi = lo + 2 * a
         xs = x[:, None, :]
         u_hi, u_lo = (hi - xs) / s, (lo - xs) / s
@@ -478,7 +481,7 @@ class CurveDistribution(ToyDistribution):
         return y + self.w * torch.randn(n, 2, generator=generator, dtype=torch.float64)
 
     def _log_prob_and_score(self, x, alpha, sigma, want_score, progress):
-        c, logw = self.nodes
+        c, logw = (v.to(x.device) for v in self.nodes)
         # log m_j q_j − |x − alpha c_j|²/(2 s²) + |x|²/(2 s²) as one matmul of per-point features
         # (alpha x/s², alpha²/s², 1) with per-node features (c_j, −|c_j|²/2, log-weight_j).
         node_feat = torch.cat([c, -0.5 * c.pow(2).sum(-1, keepdim=True), logw[:, None]], dim=-1)  # (K, 4)

@@ -324,3 +324,18 @@ def test_density_on_the_suggested_256_grid(name):
     assert abs(grid.integrate(d.density(grid)) - 1) < 1e-8  # midpoint rule spectrally exact; tail mass < 1e-8
     pvalue = _binned_chi2_pvalue(d.sample(200_000, _seeded(13)), d.log_prob, d.bounds, bins=24, sub=16)
     assert pvalue > 1e-3, pvalue  # H0 true at a fixed seed
+
+
+# ------------------------------------------------------------------------------------------ gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TOY_NAMES)
+def test_cuda_points_give_the_cpu_values(name):
+    d = toy_distribution(name)
+    x = d.sample(256, _seeded(14))
+    sde = VPSDE()
+    lp = d.perturbed_log_prob(x.cuda(), 0.1, sde)
+    s = d.perturbed_score(x.cuda(), 0.1, sde)
+    assert lp.device.type == "cuda" and s.device.type == "cuda"
+    # same float64 formulas; different reduction orders on the two devices: round-off only
+    torch.testing.assert_close(lp.cpu(), d.perturbed_log_prob(x, 0.1, sde), rtol=0, atol=1e-10)
+    torch.testing.assert_close(s.cpu(), d.perturbed_score(x, 0.1, sde), rtol=1e-10, atol=1e-9)
