@@ -101,7 +101,7 @@ class ScoreJet:
 
 
 def _silu_derivatives(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """φ(z) = z σ(z), φ' = σ (1 + z (1 − σ)) and φ'' = σ (1 − σ) (2 + z (1 − 2σ)), each the shape of z."""
+    """φ(z) = z σ(z), φ' = σ (1 + z (1 − σ)), φ'' = σ (1 − σ) (2 + z (1 − 2σ)); each the shape of z."""
     sig = torch.sigmoid(z)
     return z * sig, sig * (1 + z * (1 - sig)), sig * (1 - sig) * (2 + z * (1 - 2 * sig))
 
