@@ -1,0 +1,420 @@
+"""``python -m fpe_lab.run cifar10 --data-dir DIR`` and ``python -m fpe_lab.run digits``: DSM (+ the score-FPE
+regularizer with a Hutchinson divergence) on images with a U-Net, then bits/dim of the EMA model under the
+probability-flow ODE. Multi-GPU: ``torchrun --nproc_per_node=N -m fpe_lab.run cifar10 ...``.
+
+Loss (FP-Diffusion, Lai et al. 2023; fpe_lab.losses.ScoreFPELoss):
+    L = E ‖sigma s_θ(x_t, t) + z‖² + (lam / D) · E w(t) ‖R_θ(x_t, t)‖²,   t ~ U[eps, 1],
+with R_θ from fpe_lab.fpe.score_fpe_residual: ∂_t s by a forward-mode JVP in t, ∇·s by Hutchinson
+(--probes Rademacher probes), w(t) = sigma⁶/g⁴ (--fpe-weighting normalized), 1/D unless --no-per-dim.
+``--init-from CKPT`` fine-tunes a checkpoint of the same architecture (the paper fine-tunes pretrained
+models). With ``--bf16`` (CUDA only) the network runs under bf16 autocast for the DSM term; the residual
+and its derivatives are always fp32.
+
+A run folder ``OUT/<data>_<model>_<sde>_<reg>[_lam<lam>_p<probes>]_steps<N>_b<batch>_seed<seed>`` holds
+``config.json``, ``checkpoint.pt`` (model, EMA, optimizer, step, RNG states: plain state dicts; under
+torchrun rank r > 0 keeps its RNG state in ``ranks/rank<r>/``) and ``metrics.json`` (bits/dim of
+``--eval-points`` test images × ``--eval-repeats`` dequantization/probe draws, solver settings, loss terms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import logging
+import math
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fpe_lab import distributed
+from fpe_lab.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ConfigMismatchError, atomic_write_text, check_same_config, load_checkpoint, write_config
+from fpe_lab.commands import CLIError
+from fpe_lab.commands.toy2d import _one_line_errors, _ranged
+from fpe_lab.config import DeviceChoice, Regularizer, SDEKind, build_sde, resolve_device
+from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
+from fpe_lab.fpe import Hutchinson, Probe, score_fpe_residual
+from fpe_lab.losses import DSMWeighting, FPEPoints, FPERegularizer, FPEWeighting, LossTerms, ScoreFPELoss
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.unet import UNet, UNetConfig, UNetSize
+from fpe_lab.train import TrainOptions, train
+
+__all__ = ["ImageData", "ImageConfig", "add_parser", "run_images", "run_dir_name", "build_image_model",
+           "evaluate_bits_per_dim", "METRICS_NAME"]
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.json"
+
+
+class ImageData(enum.Enum):
+    CIFAR10 = "cifar10"
+    DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """One image run. Defaults: the paper's fine-tuning recipe scale (Adam 2e-4, EMA 0.9999, clip 1)."""
+
+    data: ImageData = ImageData.CIFAR10
+    data_dir: str | None = None
+    image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W), from the data; checked on resume
+    model: UNetSize = UNetSize.TINY
+    sde: SDEKind = SDEKind.VP
+    reg: Regularizer = Regularizer.FPE
+    lam: float = 0.1
+    per_dim: bool = True  # divide the FPE term by D
+    fpe_weighting: FPEWeighting = FPEWeighting.NORMALIZED
+    fpe_batch: int | None = None
+    probes: int = 1
+    probe: Probe = Probe.RADEMACHER
+    eps: float = 1e-5
+    steps: int = 1000
+    batch: int = 64  # global batch (split over ranks)
+    lr: float = 2e-4
+    ema_decay: float = 0.9999
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    ckpt_every: int = 500
+    hflip: bool = True
+    bf16: bool = False
+    device: DeviceChoice = DeviceChoice.AUTO
+    init_from: str | None = None
+    eval_points: int = 256
+    eval_repeats: int = 1
+    eval_rtol: float = 1e-5
+    eval_batch: int = 64
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(ImageConfig)
+        for f in dataclasses.fields(self):
+            kind = hints[f.name]
+            if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(getattr(self, f.name), kind):
+                raise ValueError(f"{f.name} must be one of {[m.value for m in kind]}; got {getattr(self, f.name)!r}")
+        for name, lo in (("probes", 1), ("steps", 1), ("batch", 1), ("seed", 0), ("ckpt_every", 1),
+                         ("eval_points", 0), ("eval_repeats", 1), ("eval_batch", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
+        for name, lo, hi in (("lam", 0.0, math.inf), ("eps", 0.0, 0.5), ("lr", 0.0, 10.0), ("eval_rtol", 0.0, 1.0)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi) or (name != "lam" and v == 0):
+                raise ValueError(f"{name} must be a finite number in {'[' if name == 'lam' else '('}{lo:g}, {hi:g}]; got {v!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay!r}")
+        if self.fpe_batch is not None and not (isinstance(self.fpe_batch, int) and 1 <= self.fpe_batch):
+            raise ValueError(f"fpe_batch must be None or an int >= 1; got {self.fpe_batch!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.image_shape)
+
+    def unet_config(self) -> UNetConfig:
+        c, h, w = self.image_shape
+        if h != w:
+            raise ValueError(f"images must be square; got {h}×{w}")
+        return UNetConfig.preset(self.model, in_channels=c, image_size=h)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, enum.Enum):
+        return v.value
+    return list(v) if isinstance(v, tuple) else v
+
+
+def run_dir_name(config: ImageConfig) -> str:
+    reg = config.reg.value
+    if config.reg is Regularizer.FPE:
+        reg += f"_lam{config.lam:g}_p{config.probes}"
+    init = "_ft" if config.init_from else ""
+    return (f"{config.data.value}_{config.model.value}_{config.sde.value}_{reg}{init}_steps{config.steps}"
+            f"_b{config.batch}_seed{config.seed}")
+
+
+# ---------------------------------------------------------------------- building blocks
+def load_data(config: ImageConfig, split: ImageSplit) -> ImageDataset:
+    match config.data:
+        case ImageData.CIFAR10:
+            if config.data_dir is None:
+                raise DataError("cifar10 needs --data-dir (the cifar-10-batches-py folder or its parent)")
+            return load_cifar10(config.data_dir, split)
+        case ImageData.DIGITS:
+            return load_digits(split)
+    raise ValueError(f"unknown data {config.data!r}")
+
+
+def build_image_model(config: ImageConfig, sde) -> ScoreModel:
+    """``ScoreModel(UNet(preset), sde)``, initialised from ``config.seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = UNet(config.unet_config())
+    return ScoreModel(net, sde)
+
+
+def _init_from(model: ScoreModel, path_text: str, config: ImageConfig) -> None:
+    """Load the EMA (else model) weights of a checkpoint (or run folder) of the same architecture."""
+    path = Path(path_text)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"--init-from {path_text}: no checkpoint there (expected a file or a run folder with {CHECKPOINT_NAME})")
+    state = load_checkpoint(path)
+    sd = state.get("ema", state.get("model", state))
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--init-from {path}: not a state dict (expected the 'ema' or 'model' entry of a checkpoint)")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & sd.keys())
+              if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} shape mismatches (e.g. {shapes[0]})" if shapes else ""]
+        c, h, w = config.image_shape
+        raise ValueError(f"--init-from {path} is a checkpoint of another architecture: {', '.join(p for p in parts if p)}; "
+                         f"this run needs --model {config.model.value} for {c}×{h}×{w} images")
+    model.load_state_dict(sd)
+    log.info("initialised from %s", path)
+
+
+def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False):
+    """score_fpe_residual with autocast disabled: derivatives of the score in fp32."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence, create_graph=create_graph)
+
+
+def build_image_loss(config: ImageConfig, sde) -> ScoreFPELoss:
+    match config.reg:
+        case Regularizer.NONE:
+            reg = None
+        case Regularizer.FPE:
+            reg = FPERegularizer(
+                lam=config.lam / config.dim if config.per_dim else config.lam,
+                weighting=config.fpe_weighting, points=FPEPoints.PERTURBED, n_points=config.fpe_batch,
+                divergence=Hutchinson(config.probes, config.probe), residual=_fp32_residual,
+            )
+    return ScoreFPELoss(sde=sde, eps=config.eps, weighting=DSMWeighting.SIGMA2, regularizer=reg)
+
+
+def _bf16(loss_fn):
+    """The loss under CUDA bf16 autocast; the residual inside (``_fp32_residual``) opts out."""
+
+    def wrapped(model, x0, generator) -> LossTerms:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            terms = loss_fn(model, x0, generator)
+        return LossTerms(total=terms.total.float(), dsm=terms.dsm.float(), fpe=terms.fpe.float())
+
+    return wrapped
+
+
+def evaluate_bits_per_dim(model: ScoreModel, sde, test: ImageDataset, config: ImageConfig, device: torch.device,
+                          progress: bool = True) -> dict[str, Any]:
+    """bits/dim of the first ``eval_points`` test images under the PF-ODE, ``eval_repeats`` times.
+
+    Each repeat draws a fresh uniform dequantization and one Rademacher probe per image (frozen for the
+    solve); RK45 at rtol = atol = ``eval_rtol`` from t = eps. Returns the mean, each repeat's mean, the
+    spread (max − min of repeat means), the standard error over images and the solver settings.
+    """
+    from fpe_lab.likelihood import UniformDequantization, pf_ode_nll
+
+    n = min(config.eval_points, len(test))
+    x = test.scale(test.pixels[:n]).to(device)
+    deq = UniformDequantization(test.levels, -1.0, 1.0)
+    per_repeat, all_bpd, settings = [], [], {}
+    for r in range(config.eval_repeats):
+        gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (r + 1))
+        res = pf_ode_nll(model, sde, x, eps=config.eps, divergence=Hutchinson(1, Probe.RADEMACHER, generator=gen),
+                         rtol=config.eval_rtol, atol=config.eval_rtol, dequantization=deq, generator=gen,
+                         batch_size=config.eval_batch, progress=progress)
+        per_repeat.append(float(res.bits_per_dim.mean()))
+        all_bpd.append(res.bits_per_dim.cpu())
+        settings = res.settings
+    bpd = torch.cat(all_bpd)
+    return {
+        "bits_per_dim": float(bpd.mean()),
+        "bits_per_dim_per_repeat": per_repeat,
+        "bits_per_dim_spread": max(per_repeat) - min(per_repeat),
+        "bits_per_dim_sem": float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else float("nan"),
+        "n_points": n,
+        "repeats": config.eval_repeats,
+        "solver": settings,
+    }
+
+
+# ---------------------------------------------------------------------- the run
+def _prepare_run_dir(config: ImageConfig, out: Path, resume: bool, env: distributed.DistEnv) -> tuple[Path, bool]:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; it must be a folder (it is created if missing)")
+    run_dir = out / run_dir_name(config)
+    has_config = (run_dir / CONFIG_NAME).is_file()
+    if has_config and not resume:
+        raise ValueError(f"run folder {run_dir} already exists; pass --resume to continue it")
+    if has_config:
+        check_same_config(run_dir, config.to_dict())
+    distributed.barrier(env)  # every rank checks before rank 0 writes
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config.to_dict())
+    distributed.barrier(env)
+    rank_dir = run_dir if env.is_main else run_dir / "ranks" / f"rank{env.rank}"
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    resuming = resume and (rank_dir / CHECKPOINT_NAME).is_file()
+    if resume and not resuming:
+        log.info("nothing to resume in %s: starting from step 0", rank_dir)
+    return run_dir, resuming
+
+
+def run_images(config: ImageConfig, out: Path, resume: bool = False, progress: bool = True,
+               env: distributed.DistEnv | None = None) -> Path:
+    """Train ``config`` in ``out/run_dir_name(config)`` and write bits/dim to its ``metrics.json``."""
+    env = env or distributed.DistEnv()
+    device = env.device() if env.is_distributed else resolve_device(config.device)
+    if config.bf16 and device.type != "cuda":
+        raise ValueError("--bf16 needs CUDA (bf16 autocast is only used on GPUs); drop it on CPU")
+    if config.batch % env.world_size:
+        raise ValueError(f"--batch {config.batch} must be divisible by the number of processes {env.world_size}")
+    train_set = load_data(config, ImageSplit.TRAIN)
+    if train_set.image_shape != config.image_shape:
+        raise ValueError(f"data images are {train_set.image_shape} (C, H, W) but the config expects {config.image_shape}")
+    run_dir, resuming = _prepare_run_dir(config, Path(out), resume, env)
+    rank_dir = run_dir if env.is_main else run_dir / "ranks" / f"rank{env.rank}"
+    sde = build_sde(config.sde)
+    model = build_image_model(config, sde)
+    if config.init_from and not resuming:
+        _init_from(model, config.init_from, config)
+    model.to(device)
+    ddp = distributed.wrap(model, env)  # broadcasts rank 0's weights; never called (see fpe_lab.distributed)
+    module = distributed.unwrap(ddp)
+    hooks = distributed.average_gradients_in_backward(module, env)
+    loss = build_image_loss(config, sde)
+    loss_fn = _bf16(loss) if config.bf16 else loss
+    loss_fn = distributed.agree_on_nonfinite(loss_fn, env)
+    local_batch = config.batch // env.world_size
+    options = TrainOptions(steps=config.steps, lr=config.lr, ema_decay=config.ema_decay,
+                           seed=distributed.rank_seed(config.seed, env), ckpt_every=config.ckpt_every,
+                           grad_clip=config.grad_clip, progress=progress and env.is_main)
+    log.info("run folder %s (%d process(es), device %s)\n%s\nU-Net %s: %.2fM parameters", run_dir, env.world_size,
+             device, sde, config.model.value, sum(p.numel() for p in module.parameters()) / 1e6)
+    result = train(module, loss_fn, lambda g: train_set.sample(local_batch, g, hflip=config.hflip), options,
+                   device=device, run_dir=rank_dir, resume=resuming)
+    for h in hooks:
+        h.remove()
+    log.info("trained %d steps in %.1f s", result.step, result.wall_s)
+    if env.is_main:
+        metrics: dict[str, Any] = {"training": _training_summary(result.history, result.step)}
+        if config.eval_points > 0:
+            start = time.perf_counter()
+            test_set = load_data(config, ImageSplit.TEST)
+            metrics["likelihood"] = evaluate_bits_per_dim(result.ema, sde, test_set, config, device, progress)
+            metrics["likelihood"]["wall_s"] = time.perf_counter() - start
+            log.info("bits/dim %.4f (EMA, %d test images × %d repeats)", metrics["likelihood"]["bits_per_dim"],
+                     metrics["likelihood"]["n_points"], config.eval_repeats)
+        atomic_write_text(run_dir / METRICS_NAME, json.dumps(metrics, indent=2) + "\n")
+    distributed.barrier(env)
+    return run_dir
+
+
+def _training_summary(history: torch.Tensor, step: int) -> dict[str, Any]:
+    hist = history[:step]
+    tail = hist[-max(1, min(100, step // 10)):]
+    return {"steps": step, "final_loss": float(tail[:, 0].mean()), "final_dsm": float(tail[:, 1].mean()),
+            "final_fpe": float(tail[:, 2].mean()), "loss_tail_steps": int(tail.shape[0])}
+
+
+# ---------------------------------------------------------------------- CLI
+def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
+    d = ImageConfig(data=data)
+    if data is ImageData.CIFAR10:
+        p.add_argument("--data-dir", type=Path, required=True,
+                       help="the cifar-10-batches-py folder (or its parent) of https://www.cs.toronto.edu/~kriz/cifar.html")
+    p.add_argument("--reg", choices=[r.value for r in Regularizer], default=d.reg.value,
+                   help="none: DSM only; fpe: DSM + (lam/D)·E w(t)‖R‖²")
+    p.add_argument("--lam", type=_ranged(float, 0.0), default=d.lam, help="weight of the FPE term")
+    p.add_argument("--sde", choices=[s.value for s in SDEKind], default=d.sde.value, help="forward SDE")
+    p.add_argument("--model", choices=[s.value for s in UNetSize], default=d.model.value,
+                   help="U-Net size (tiny: CPU seconds; ddpmpp / ddpmpp-deep: the paper's CIFAR-10 networks)")
+    p.add_argument("--steps", type=_ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
+    p.add_argument("--batch", type=_ranged(int, 1, 10**6), default=d.batch, help="global batch size")
+    p.add_argument("--probes", type=_ranged(int, 1, 1024), default=d.probes, help="Hutchinson probes per sample")
+    p.add_argument("--lr", type=_ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=_ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
+    p.add_argument("--ckpt-every", type=_ranged(int, 1, 10**9), default=d.ckpt_every, help="checkpoint interval (steps)")
+    p.add_argument("--device", choices=[c.value for c in DeviceChoice], default=d.device.value,
+                   help="training device when not under torchrun (auto: cuda if available)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the DSM network pass (CUDA only)")
+    p.add_argument("--init-from", type=str, default=None, metavar="CKPT",
+                   help="fine-tune from this checkpoint (or run folder) of the same architecture")
+    p.add_argument("--eval-points", type=_ranged(int, 0, 10**6), default=d.eval_points,
+                   help="test images for bits/dim (0: skip)")
+    p.add_argument("--eval-repeats", type=_ranged(int, 1, 100), default=d.eval_repeats,
+                   help="repeats of the test images (dequantization and probe redrawn; 5 in Score SDE)")
+    p.add_argument("--eval-rtol", type=_ranged(float, 0.0, 1.0, lo_open=True), default=d.eval_rtol,
+                   help="RK45 rtol = atol of the PF-ODE solve")
+    p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in its folder from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder; do nothing")
+
+
+def add_parser(subparsers) -> None:
+    for data, help_text in ((ImageData.CIFAR10, "train a U-Net score model on CIFAR-10 (DSM [+ FPE]); bits/dim"),
+                            (ImageData.DIGITS, "the same on scikit-learn's 8×8 digits (offline, CPU-sized)")):
+        p = subparsers.add_parser(data.value, help=help_text, description=__doc__,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_arguments(p, data)
+        p.set_defaults(handler=_handler, image_data=data)
+        _one_line_errors(p)
+
+
+def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]) -> ImageConfig:
+    data: ImageData = args.image_data
+    try:
+        return ImageConfig(
+            data=data, data_dir=str(args.data_dir) if data is ImageData.CIFAR10 else None, image_shape=image_shape,
+            model=UNetSize(args.model), sde=SDEKind(args.sde), reg=Regularizer(args.reg), lam=float(args.lam),
+            probes=int(args.probes), steps=int(args.steps), batch=int(args.batch), lr=float(args.lr),
+            seed=int(args.seed), ckpt_every=int(args.ckpt_every), hflip=data is ImageData.CIFAR10,
+            bf16=bool(args.bf16), device=DeviceChoice(args.device),
+            init_from=str(args.init_from) if args.init_from else None, eval_points=int(args.eval_points),
+            eval_repeats=int(args.eval_repeats), eval_rtol=float(args.eval_rtol),
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _handler(args: argparse.Namespace) -> int:
+    try:
+        env = distributed.init_from_env()
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"distributed setup failed: {e}") from None
+    distributed.quiet_other_ranks(env)
+    try:
+        match args.image_data:
+            case ImageData.CIFAR10:
+                find_cifar10_dir(args.data_dir)
+                shape = (3, 32, 32)
+            case ImageData.DIGITS:
+                shape = load_digits(ImageSplit.TEST).image_shape
+        config = config_from_args(args, shape)
+        if args.dry_run:
+            if env.is_main:
+                print(config.to_json())
+                print(f"run folder: {Path(args.out) / run_dir_name(config)}")
+            return 0
+        run_dir = run_images(config, Path(args.out), resume=args.resume, env=env)
+    except (ValueError, ConfigMismatchError, FloatingPointError, FileNotFoundError) as e:  # DataError, NonFiniteLossError
+        raise CLIError(str(e)) from None
+    finally:
+        distributed.shutdown(env)
+    log.info("wrote %s", run_dir)
+    return 0

@@ -1,0 +1,115 @@
+"""End to end: ``python -m fpe_lab.run cifar10 --model tiny`` on a tiny fake CIFAR-10 (fpe_lab/commands/images.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fpe_lab import run
+from fpe_lab.checkpoint import load_checkpoint, save_checkpoint
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.unet import UNet, UNetConfig, UNetSize
+from fpe_lab.sde import VPSDE
+
+from .fake_cifar import write_fake_cifar10
+
+TINY_RUN = ["--model", "tiny", "--steps", "2", "--batch", "2", "--ckpt-every", "1", "--eval-points", "1",
+            "--eval-rtol", "0.1", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_fake_cifar10(tmp_path_factory.mktemp("data"), n_per_batch=4)
+
+
+def _run_dir(out):
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def test_train_evaluate_resume(cifar, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run.main(["cifar10", "--data-dir", str(cifar.parent), "--out", str(out), *TINY_RUN]) == 0
+    run_dir = _run_dir(out)
+    assert run_dir.name == "cifar10_tiny_vp_fpe_lam0.1_p1_steps2_b2_seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    lik = metrics["likelihood"]
+    # a barely trained tiny net: bits/dim finite and above the 7-bit dequantization offset's floor of 0
+    assert torch.isfinite(torch.tensor(lik["bits_per_dim"])) and lik["bits_per_dim"] > 0
+    assert lik["solver"]["method"] == "RK45" and lik["solver"]["offset_bits_per_dim"] == 7.0
+    assert metrics["training"]["steps"] == 2 and metrics["training"]["final_fpe"] > 0
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt["step"] == 2 and set(ckpt) >= {"model", "ema", "optimizer", "rng"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["image_shape"] == [3, 32, 32] and config["probes"] == 1
+
+    # the same folder again without --resume is refused; with --resume it continues (nothing left to do)
+    capsys.readouterr()
+    assert run.main(["cifar10", "--data-dir", str(cifar), "--out", str(out), *TINY_RUN]) == 2
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    assert run.main(["cifar10", "--data-dir", str(cifar.parent), "--out", str(out), "--resume", *TINY_RUN]) == 0
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2
+    assert (run_dir / "checkpoint.pt").read_bytes() == before  # a finished run is not retrained
+
+    # fine-tuning from that run (same architecture) works and starts from its EMA weights
+    ft_out = tmp_path / "ft"
+    assert run.main(["cifar10", "--data-dir", str(cifar), "--out", str(ft_out), "--init-from", str(run_dir),
+                     "--reg", "none", *TINY_RUN]) == 0
+    assert _run_dir(ft_out).name.endswith("_ft_steps2_b2_seed0")
+
+
+def test_init_from_other_architecture_exits_2(cifar, tmp_path, capsys):
+    other = ScoreModel(UNet(UNetConfig.preset(UNetSize.TINY, in_channels=1, image_size=8)), VPSDE())
+    save_checkpoint(tmp_path / "other.pt", {"ema": other.state_dict(), "step": 0})
+    code = run.main(["cifar10", "--data-dir", str(cifar), "--out", str(tmp_path / "r"),
+                     "--init-from", str(tmp_path / "other.pt"), *TINY_RUN])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "checkpoint of another architecture" in err and "shape mismatches" in err and "3×32×32" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["cifar10", "--data-dir", "{missing}"], "CIFAR-10 not found"),
+        (["cifar10", "--data-dir", "{data}", "--bf16", "--device", "cpu"], "--bf16 needs CUDA"),
+        (["cifar10", "--data-dir", "{data}", "--batch", "0"], "must be in"),
+        (["cifar10", "--data-dir", "{data}", "--model", "huge"], "invalid choice"),
+        (["cifar10", "--data-dir", "{data}", "--init-from", "{missing}"], "no checkpoint there"),
+    ],
+    ids=["missing-data", "bf16-cpu", "batch", "model", "init-missing"],
+)
+def test_bad_input_exits_2(cifar, tmp_path, capsys, argv, match):
+    argv = [a.format(missing=tmp_path / "nope", data=cifar) for a in argv] + ["--out", str(tmp_path / "r"), "--steps", "1"]
+    try:
+        code = run.main(argv)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and match in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("checkpoint.pt"))
+
+
+def test_corrupt_data_exits_2(tmp_path, capsys):
+    folder = write_fake_cifar10(tmp_path, n_per_batch=2)
+    (folder / "data_batch_5").write_bytes(b"\x80\x02garbage")
+    assert run.main(["cifar10", "--data-dir", str(folder), "--out", str(tmp_path / "r"), *TINY_RUN]) == 2
+    assert "corrupt CIFAR-10 file" in capsys.readouterr().err
+
+
+def test_dry_run_and_digits(cifar, tmp_path, capsys):
+    assert run.main(["cifar10", "--data-dir", str(cifar), "--dry-run", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert '"model": "tiny"' in printed and "run folder:" in printed and not any(tmp_path.iterdir())
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        assert run.main(["digits", "--dry-run"]) == 2
+        assert "pip install scikit-learn" in capsys.readouterr().err
+    else:
+        assert run.main(["digits", "--dry-run"]) == 0
