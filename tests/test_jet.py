@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -73,9 +78,8 @@ def test_scalar_time_and_exact_divergence_argument():
     sde = VESDE()
     model = _model(2, 16, 2, sde)
     x, _ = _points(2, 8, 0.1, 0.9)
-    t = torch.full((8,), 0.4, dtype=torch.float64)  # the generic path fails on a scalar t (expanded leaf)
-    r_ref = score_fpe_residual(model, sde, x, t)
-    scale = score_fpe_terms(model, sde, x, t).scale
+    r_ref = score_fpe_residual(model, sde, x, 0.4)
+    scale = score_fpe_terms(model, sde, x, 0.4).scale
     _assert_residual_close(jet_score_fpe_residual(model, sde, x, 0.4, divergence=ExactDivergence()), r_ref, scale)
 
 
@@ -187,8 +191,23 @@ def test_bad_inputs_raise_value_error():
         jet_score_fpe_residual(model, sde, torch.zeros(4, 1, 2, dtype=torch.float64), t)
     with pytest.raises(ValueError, match="t must lie in"):
         jet_score_fpe_residual(model, sde, x, torch.full((4,), 1.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be finite"):
+        jet_score_fpe_residual(model, sde, torch.full((4, 2), float("nan"), dtype=torch.float64), t)
     with pytest.raises(ValueError, match="t has shape"):
         jet_score_fpe_residual(model, sde, x, torch.zeros(3, dtype=torch.float64))
     model.net.act = nn.Tanh()
     with pytest.raises(ValueError, match="act must be nn.SiLU.*Tanh"):
         jet_score_fpe_residual(model, sde, x, t)
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_quick(tmp_path):
+    """benchmarks/bench_train_step.py --quick runs, writes only --out, and the jet step allocates less."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    (res,) = json.loads(out.read_text())["sizes"].values()
+    assert set(res) == {"dsm", "fpe-generic", "fpe-jet", "fpe-jet-shared"}
+    assert res["fpe-jet"]["peak_step_mib"] < res["fpe-generic"]["peak_step_mib"]

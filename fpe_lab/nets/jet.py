@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import jvp
 
-from fpe_lab.checks import check_time
+from fpe_lab.checks import check_finite, check_time
 from fpe_lab.fpe import ExactDivergence
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
@@ -223,6 +223,7 @@ def score_jet(model: ScoreModel, x: torch.Tensor, t: torch.Tensor | float) -> Sc
     """
     net = _check_model(model)
     _check_x(x, net)
+    check_finite(x.detach(), "x")
     t = check_time(batch_time(t, x))
     x, t = x.detach(), t.detach().contiguous()  # a scalar t arrives expanded; forward AD needs real storage
     n, dn = _net_jet(net, x, t)
