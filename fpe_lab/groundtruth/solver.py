@@ -12,7 +12,10 @@ at the requested times. The scheme is chosen by what the SDE allows (:class:`Met
   (:mod:`~fpe_lab.groundtruth.convolution`);
 * ``FINITE_VOLUME`` — anything with ``drift(x, t)`` and ``diffusion(t)``: Scharfetter–Gummel finite
   volumes with split implicit steps and Richardson extrapolation, 2nd order in space and time,
-  mass-conserving and positive (:mod:`~fpe_lab.groundtruth.finite_volume`).
+  mass-conserving and positive (:mod:`~fpe_lab.groundtruth.finite_volume`);
+* ``SEPARABLE`` — linear SDEs whose generator is c(t)·L₀ (VE, VP): the same SG discretisation,
+  propagated exactly by one dense matrix exponential per axis (:mod:`~fpe_lab.groundtruth.propagator`);
+  fast, but accurate only where p ≳ 1e-13·max.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coeffici
 from fpe_lab.groundtruth.diagnostics import WALL_TOL, ResolutionWarning, check_resolution, check_walls
 from fpe_lab.groundtruth.finite_volume import solve_density
 from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.groundtruth.propagator import propagate_separable
 from fpe_lab.groundtruth.solution import Solution
 
 __all__ = ["Method", "solve_fokker_planck", "fd_score"]
@@ -41,6 +45,7 @@ class Method(enum.Enum):
     AUTO = "auto"  # CONVOLUTION when the SDE has a Gaussian transition (``marginal``), else FINITE_VOLUME
     CONVOLUTION = "convolution"
     FINITE_VOLUME = "finite_volume"
+    SEPARABLE = "separable"  # time-changed exact separable propagator (VE, VP: generator c(t)·L0)
 
 
 def _has_gaussian_transition(sde) -> bool:
@@ -116,7 +121,8 @@ def solve_fokker_planck(
         times: increasing times in [0, 1] (t = 0 returns p0 and its finite-difference score).
 
     Other arguments:
-        method: :class:`Method`; ``CONVOLUTION`` needs ``sde.marginal``.
+        method: :class:`Method`; ``CONVOLUTION`` needs ``sde.marginal``, ``SEPARABLE`` ``sde.drift_coef``
+            with drift_coef = −kappa·½g² (VE, VP).
         n_steps: about how many time steps the finite-volume solver takes to ``times[-1]`` (>= 1).
         wall_tol: a :class:`BoundaryWarning` is raised when p/max on the wall cells exceeds this.
         progress: show a tqdm progress bar.
@@ -157,8 +163,11 @@ def solve_fokker_planck(
                 if ti == 0:
                     continue
                 log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid)
-        case Method.FINITE_VOLUME:
-            density, _ = solve_density(sde, p, grid, t, int(n_steps), progress=progress)
+        case Method.FINITE_VOLUME | Method.SEPARABLE:
+            if method is Method.SEPARABLE:
+                density = propagate_separable(sde, p, grid, t)
+            else:
+                density, _ = solve_density(sde, p, grid, t, int(n_steps), progress=progress)
             with np.errstate(divide="ignore"):
                 log_p[:] = np.log(density)
             for i in range(len(t)):

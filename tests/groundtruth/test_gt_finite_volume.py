@@ -240,8 +240,8 @@ def test_fv_tail_bands_256():
                          np.array([np.eye(2) * s * s for s in sds]), dtype=torch.float64)
     grid, sde, t = Grid(((-8.0, 8.0), (-8.0, 8.0)), (256, 256)), VPSDE(), 0.5
     p0 = on_grid(lambda x: gm.log_prob(x).exp(), grid)
-    sol = solve_fokker_planck(sde, p0, grid, [t], method=FV, n_steps=100, progress=False)
+    sol = solve_fokker_planck(sde, p0, grid, [t], method=FV, n_steps=200, progress=False)
     lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
     bands = score_error_bands(sol.score[0], on_grid(lambda x: gm.score(x, t, sde), grid), lp)
-    assert bands[1e-6] < 1e-3, bands  # issue 3 target (measured 9.0e-4)
+    assert bands[1e-6] < 1e-3, bands  # issue 3 target (measured 9.0e-4 at 100 steps; 200 for margin)
     assert bands[1e-10] < 10 * bands[1e-3], bands  # issue 3 tail target
