@@ -109,17 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = [(ToyData(d), SDEKind(s)) for d in args.data for s in args.sde]
     runs = [(d, s, r, seed) for d, s in settings for r in (Regularizer.NONE, Regularizer.FPE) for seed in range(args.seeds)]
     results: dict[tuple, dict[Regularizer, list[dict]]] = {}
+    failed: dict[tuple, dict[Regularizer, int]] = {}
     start = time.perf_counter()
     for i, (data, sde, reg, seed) in enumerate(runs, 1):
         config = toy2d(data=data, sde=sde, reg=reg, lam=args.lam, seed=seed, steps=args.steps,
                        eval_points=args.eval_points, eval_nll_points=args.eval_nll_points,
                        eval_samples=args.eval_samples)
         run_dir = args.out / run_dir_name(config)
+        rows = results.setdefault((data, sde), {Regularizer.NONE: [], Regularizer.FPE: []})
         if not (run_dir / METRICS_NAME).is_file():
             print(f"[{i}/{len(runs)}] {run_dir.name} ({time.perf_counter() - start:.0f} s so far)", file=sys.stderr)
-            run_toy2d(config, args.out, resume=True, progress=False)
-        metrics = json.loads((run_dir / METRICS_NAME).read_text())
-        results.setdefault((data, sde), {Regularizer.NONE: [], Regularizer.FPE: []})[reg].append(metrics)
+            try:
+                run_toy2d(config, args.out, resume=True, progress=False)
+            except FloatingPointError as e:  # a diverged run is reported in the table, not hidden
+                print(f"  failed: {e}", file=sys.stderr)
+                failed.setdefault((data, sde), {Regularizer.NONE: 0, Regularizer.FPE: 0})[reg] += 1
+                continue
+        rows[reg].append(json.loads((run_dir / METRICS_NAME).read_text()))
 
     lines = [f"Command: `python benchmarks/compare_toy2d.py --steps {args.steps} --seeds {args.seeds} "
              f"--data {' '.join(args.data)} --sde {' '.join(args.sde)} --lam {args.lam:g} "
@@ -128,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
              f"'lower' names the side lower by more than the combined std, ≈ otherwise; lower is better).", ""]
     for (data, sde), rows in results.items():
         lines += [f"**{data.value}, {sde.value.upper() if sde is not SDEKind.SUBVP else 'sub-VP'}**", ""]
-        lines += table(rows) + [""]
+        lines += table(rows)
+        n_fail = failed.get((data, sde), {Regularizer.NONE: 0, Regularizer.FPE: 0})
+        lines += [f"| runs finished / diverged | {len(rows[Regularizer.NONE])} / {n_fail[Regularizer.NONE]} | "
+                  f"{len(rows[Regularizer.FPE])} / {n_fail[Regularizer.FPE]} | — |", ""]
     text = "\n".join(lines)
     print(text)
     atomic_write_text(args.out / "table.md", text + "\n")
