@@ -1,0 +1,141 @@
+"""Training-step cost on images: DSM vs DSM + score-FPE regularizer with 1, 2, 4 Hutchinson probes (issue 6).
+
+One step = loss + backward + Adam update of ScoreModel(UNet) on a batch of images, with the loss of the
+``cifar10`` command (fpe_lab.commands.images.build_image_loss: sigma² DSM + (lam/D)·E w(t)‖R‖², R from
+fpe_lab.fpe.score_fpe_residual with fpe_lab.fpe.Hutchinson(n_probes)). Variants share initial weights
+and batches and run round-robin (each repeat runs ``--steps`` steps of every variant), so load drift on
+a shared machine hits all alike; a ratio is the median over repeats of (variant / DSM in that repeat).
+
+Peak memory: tensor memory allocated during one step above what was live before it. CUDA:
+torch.cuda.max_memory_allocated. CPU: running sum of torch.profiler's allocation/free records
+(profile_memory=True), i.e. torch's own allocations, not process RSS (as benchmarks/bench_train_step.py).
+
+    python benchmarks/bench_images.py                  # tiny U-Net, 3×32×32 (CIFAR-10 size), batch 8, CPU
+    python benchmarks/bench_images.py --quick          # seconds: 1×8×8 images, checks that it runs
+    python benchmarks/bench_images.py --device cuda --model ddpmpp --batch 48   # the paper's size on a GPU
+
+Prints a table; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import statistics
+import time
+
+import torch
+
+from fpe_lab.commands.images import ImageConfig, build_image_loss, build_image_model
+from fpe_lab.config import Regularizer, SDEKind, build_sde
+from fpe_lab.nets.unet import UNetSize
+
+VARIANTS = ("dsm", "fpe-p1", "fpe-p2", "fpe-p4")
+
+
+def _config(variant: str, args) -> ImageConfig:
+    reg = Regularizer.NONE if variant == "dsm" else Regularizer.FPE
+    probes = 1 if variant == "dsm" else int(variant.removeprefix("fpe-p"))
+    return ImageConfig(image_shape=(args.channels, args.size, args.size), model=UNetSize(args.model),
+                       sde=SDEKind(args.sde), reg=reg, probes=probes, batch=args.batch, eps=1e-3)
+
+
+class Trainer:
+    """One variant: its own copy of the (identically initialised) model, Adam, loss and generators."""
+
+    def __init__(self, variant: str, args, device: torch.device) -> None:
+        self.config = _config(variant, args)
+        self.sde = build_sde(self.config.sde)
+        self.model = build_image_model(self.config, self.sde).to(device).train()
+        self.loss = build_image_loss(self.config, self.sde)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.data = torch.Generator(device=device).manual_seed(1)
+        self.shape = (args.batch, *self.config.image_shape)
+        self.device = device
+
+    def step(self) -> None:
+        x0 = torch.rand(self.shape, generator=self.data, device=self.device) * 2 - 1
+        terms = self.loss(self.model, x0, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        terms.total.backward()
+        self.opt.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_step_memory(trainer: Trainer) -> int:
+    """Peak bytes allocated by torch during one step, above the memory live before it."""
+    device = trainer.device
+    if device.type == "cuda":
+        _sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.step()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.step()
+    records = sorted((e for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda e: e.start_ns())
+    if not records:
+        raise RuntimeError("torch.profiler recorded no CPU memory events; cannot measure the peak")
+    return max(0, max(itertools.accumulate(e.nbytes() for e in records)))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=[s.value for s in UNetSize], default="tiny")
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--size", type=int, default=32, help="image height = width")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sde", choices=[s.value for s in SDEKind], default="vp")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: no contention)")
+    p.add_argument("--quick", action="store_true", help="1×8×8 images, batch 2, 1 repeat: runs in seconds")
+    args = p.parse_args()
+    if args.quick:
+        args.channels, args.size, args.batch, args.steps, args.repeats = 1, 8, 2, 1, 1
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    trainers = {v: Trainer(v, args, device) for v in VARIANTS}
+    for t in trainers.values():  # warm-up: first forward-mode call, allocator, kernels
+        t.step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v, t in trainers.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                t.step()
+            _sync(device)
+            times[v].append((time.perf_counter() - start) / args.steps)
+    mem = {v: peak_step_memory(t) for v, t in trainers.items()}
+    cfg = trainers["dsm"].config
+    n_params = sum(q.numel() for q in trainers["dsm"].model.parameters())
+    print(f"U-Net {cfg.model.value} ({n_params / 1e6:.2f}M params), images {cfg.image_shape}, batch {args.batch}, "
+          f"{cfg.sde.value.upper()}, device {device}"
+          + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
+          + f", torch {torch.__version__}; {args.repeats} repeats × {args.steps} steps")
+    print(f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'torch.profiler CPU allocations'}"
+          " above the memory live before the step")
+    print(f"{'variant':>8} {'ms/step':>9} {'x DSM time':>11} {'(range)':>15} {'peak MiB':>9} {'x DSM mem':>10}")
+    for v in VARIANTS:
+        ratios = [a / b for a, b in zip(times[v], times["dsm"])]
+        print(f"{v:>8} {1e3 * statistics.median(times[v]):9.1f} {statistics.median(ratios):11.2f} "
+              f"{f'({min(ratios):.2f}-{max(ratios):.2f})':>15} {mem[v] / 2**20:9.1f} {mem[v] / mem['dsm']:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
