@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import hessian, jacfwd
 
@@ -57,6 +59,23 @@ def test_residual_matches_generic_path(sde, dim, width, depth, t_range):
     r_jet = jet_score_fpe_residual(model, sde, x, t)
     assert r_jet.shape == x.shape and r_jet.dtype == torch.float64
     _assert_residual_close(r_jet, r_ref, scale)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dim=st.integers(1, 3),
+    width=st.integers(1, 12),
+    depth=st.integers(1, 3),
+    sde_index=st.integers(0, 2),
+    t=st.floats(EPS, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_residual_matches_generic_path_random_nets(dim, width, depth, sde_index, t, seed):
+    sde = SDES[sde_index]
+    model = _model(dim, width, depth, sde, seed=seed)
+    x, _ = _points(dim, 4, 0.0, 1.0, seed=seed)
+    scale = score_fpe_terms(model, sde, x, t).scale
+    _assert_residual_close(jet_score_fpe_residual(model, sde, x, t), score_fpe_residual(model, sde, x, t), scale)
 
 
 def test_residual_comparison_can_fail():
@@ -198,6 +217,17 @@ def test_bad_inputs_raise_value_error():
     model.net.act = nn.Tanh()
     with pytest.raises(ValueError, match="act must be nn.SiLU.*Tanh"):
         jet_score_fpe_residual(model, sde, x, t)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    sde = VPSDE()
+    model = _model(2, 32, 3, sde)
+    x, t = _points(2, 64, EPS, 1.0)
+    r_cpu = jet_score_fpe_residual(model, sde, x, t)
+    r_gpu = jet_score_fpe_residual(model.cuda(), sde, x.cuda(), t.cuda())
+    scale = score_fpe_terms(model.cpu(), sde, x, t).scale
+    _assert_residual_close(r_gpu.cpu(), r_cpu, scale)
 
 
 @pytest.mark.slow
