@@ -113,3 +113,13 @@ def test_dry_run_and_digits(cifar, tmp_path, capsys):
         assert "pip install scikit-learn" in capsys.readouterr().err
     else:
         assert run.main(["digits", "--dry-run"]) == 0
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_smoke(cifar, tmp_path):
+    """On CUDA: bf16 autocast for the DSM pass, fp32 residual, two steps and bits/dim."""
+    argv = ["cifar10", "--data-dir", str(cifar), "--out", str(tmp_path), "--bf16", "--model", "tiny", "--steps", "2",
+            "--batch", "4", "--eval-points", "2", "--eval-rtol", "1e-3", "--device", "cuda"]
+    assert run.main(argv) == 0
+    metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["likelihood"]["bits_per_dim"]))

@@ -161,3 +161,23 @@ def test_gpu_smoke_residual_bf16_network():
     r = score_fpe_residual(model, sde, x, t, divergence=Hutchinson(1), create_graph=True)
     r.pow(2).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_dt_under_dropout_uses_one_mask():
+    """Train-mode dropout: the JVP's ∂_t n is the derivative of the *same* masked network as its value
+    (unlike a finite difference across separate dropout draws): it equals reverse mode under the same seed."""
+    net = make_net(micro_config(image_size=8, attn_resolutions=(4,), dropout=0.3)).train()
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    t = torch.rand(2, generator=gen, dtype=torch.float64).requires_grad_(True)
+    v = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    torch.manual_seed(7)
+    n_fwd, dt_n = jvp(lambda tt: net(x, tt), (t.detach(),), (torch.ones_like(t),))
+    torch.manual_seed(7)
+    n_rev = net(x, t)
+    (rev,) = torch.autograd.grad((n_rev * v).sum(), t)
+    assert torch.equal(n_fwd, n_rev.detach())  # same dropout mask
+    # float64 round-off relative to the derivative's size
+    assert torch.allclose((dt_n * v).flatten(1).sum(-1), rev, rtol=1e-9, atol=1e-9 * rev.abs().max().item())
+    torch.manual_seed(8)
+    assert not torch.equal(net(x, t.detach()), n_rev.detach())  # dropout is active
