@@ -117,9 +117,9 @@ def evaluate(
     nll_atol: float = 1e-5,
     ode_method: ODEMethod = ODEMethod.RK45,
     n_samples: int = 1000,
-    sde_steps: int = 500,
-    sample_rtol: float = 1e-5,
-    sample_atol: float = 1e-5,
+    sde_steps: int = 300,
+    sample_rtol: float = 1e-4,
+    sample_atol: float = 1e-4,
     n_projections: int = 256,
     kernel: GaussianKernel = GaussianKernel(),
     floor_repeats: int = 3,
@@ -142,7 +142,10 @@ def evaluate(
         eps: start of the NLL integration and end of sampling.
         generator: the one source of randomness (fix its seed for reproducible metrics).
         n_nll, nll_rtol, nll_atol, ode_method: the PF-ODE NLL (0 disables the NLL section).
-        n_samples, sde_steps, sample_rtol, sample_atol: the sample-quality section (0 disables it).
+        n_samples, sde_steps, sample_rtol, sample_atol: the sample-quality section (0 disables it);
+            Euler–Maruyama with 300 steps and RK45 at 1e-4 by default: their errors (measured with the
+            exact mixture score) sit below the noise floor of 1,000 samples, and they keep the
+            evaluation within ~40 s on 2 CPU cores.
         n_projections, kernel, floor_repeats: sliced Wasserstein, MMD kernel, noise-floor repeats.
         dtype: dtype passed to score_fn (float64 for verification; float32 for a float32 network).
         progress: tqdm bar over the stages.
