@@ -22,6 +22,6 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     """Draw ``score_error_vs_t.{png,pdf,csv}`` into ``out``."""
     return per_time_figure(
         runs,
-        [("score_error", r"score error $E\,\|s_\theta - \nabla\log p_t\|^2$  (1/length$^2$)"),
+        [("score_error", r"score error $E\,\|s_\theta - \nabla\log p_t\|^2$  (length$^{-2}$)"),
          ("score_error_rel", r"relative error $E\|s_\theta - \nabla\log p_t\|^2 / E\|\nabla\log p_t\|^2$")],
         out, STEM, "Score error")

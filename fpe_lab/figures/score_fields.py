@@ -75,7 +75,7 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         import matplotlib.pyplot as plt
 
         nt = len(times)
-        fig, axes = plt.subplots(3, nt, figsize=(FULL_WIDTH, FULL_WIDTH * 3 / nt * 0.78 + 0.4), squeeze=False)
+        fig, axes = plt.subplots(3, nt, figsize=(FULL_WIDTH, 2.05 * 3 + 0.5), squeeze=False)
         for j, (t, grid, s_true, log_p, errs) in enumerate(panels):
             p_rel = grid.image(np.exp(log_p - log_p.max()))
             ax = axes[0, j]
