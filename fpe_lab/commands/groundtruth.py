@@ -23,7 +23,7 @@ from fpe_lab.commands import CLIError
 log = logging.getLogger(__name__)
 
 SDE_CHOICES = ("ve", "vp", "subvp")
-METHOD_CHOICES = ("auto", "convolution", "finite_volume")
+METHOD_CHOICES = ("auto", "convolution", "finite_volume", "separable")
 # Half-width of the box in units of sigma(t) beyond the pushed data box: p/max = e^{−8²/2} ≈ 1e-14 there.
 _SIGMA_MARGIN = 8.0
 
@@ -94,6 +94,8 @@ def _method(name: str):
             return Method.CONVOLUTION
         case "finite_volume":
             return Method.FINITE_VOLUME
+        case "separable":
+            return Method.SEPARABLE
     raise CLIError(f"--method must be one of {', '.join(METHOD_CHOICES)}; got {name!r}")
 
 

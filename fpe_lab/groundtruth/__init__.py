@@ -2,7 +2,8 @@
 
 ``solve_fokker_planck(sde, p0, grid, times, method=Method.AUTO, ...) -> Solution`` solves the
 Fokker–Planck equation of dx = f(x, t) dt + g(t) dw for any nonnegative p0 on a :class:`Grid`:
-exactly by convolution for linear SDEs, by Scharfetter–Gummel finite volumes for any drift.
+exactly by convolution for linear SDEs, by Scharfetter–Gummel finite volumes for any drift, or by the
+same SG discretisation propagated exactly after a time change (VE/VP).
 """
 
 from fpe_lab.groundtruth.diagnostics import BoundaryWarning, ResolutionWarning
