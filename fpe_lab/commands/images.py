@@ -45,7 +45,7 @@ from fpe_lab.nets.unet import UNet, UNetConfig, UNetSize
 from fpe_lab.train import TrainOptions, train
 
 __all__ = ["ImageData", "ImageConfig", "add_parser", "run_images", "run_dir_name", "build_image_model",
-           "evaluate_bits_per_dim", "METRICS_NAME"]
+           "build_image_loss", "evaluate_bits_per_dim", "evaluate_run", "METRICS_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class ImageConfig:
     eval_repeats: int = 1
     eval_rtol: float = 1e-5
     eval_batch: int = 64
+    eval_seed: int = 0  # seeds the dequantization noise and Hutchinson probes of the bits/dim solve
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(ImageConfig)
@@ -97,7 +98,7 @@ class ImageConfig:
             if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(getattr(self, f.name), kind):
                 raise ValueError(f"{f.name} must be one of {[m.value for m in kind]}; got {getattr(self, f.name)!r}")
         for name, lo in (("probes", 1), ("steps", 1), ("batch", 1), ("seed", 0), ("ckpt_every", 1),
-                         ("eval_points", 0), ("eval_repeats", 1), ("eval_batch", 1)):
+                         ("eval_points", 0), ("eval_repeats", 1), ("eval_batch", 1), ("eval_seed", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
@@ -115,6 +116,23 @@ class ImageConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageConfig:
+        """Inverse of :meth:`to_dict` (unknown keys are an error; missing keys take the defaults)."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) - names:
+            raise ValueError(f"not an image run config: unknown keys {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
+        kwargs = {}
+        for k, v in d.items():
+            kind = hints[k]
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                v = kind(v)
+            elif k == "image_shape":
+                v = tuple(v)
+            kwargs[k] = v
+        return cls(**kwargs)
 
     @property
     def dim(self) -> int:
@@ -233,7 +251,7 @@ def evaluate_bits_per_dim(model: ScoreModel, sde, test: ImageDataset, config: Im
     deq = UniformDequantization(test.levels, -1.0, 1.0)
     per_repeat, all_bpd, settings = [], [], {}
     for r in range(config.eval_repeats):
-        gen = torch.Generator(device=device).manual_seed(config.seed + 7919 * (r + 1))
+        gen = torch.Generator(device=device).manual_seed(config.eval_seed + 7919 * (r + 1))
         res = pf_ode_nll(model, sde, x, eps=config.eps, divergence=Hutchinson(1, Probe.RADEMACHER, generator=gen),
                          rtol=config.eval_rtol, atol=config.eval_rtol, dequantization=deq, generator=gen,
                          batch_size=config.eval_batch, progress=progress)
@@ -248,6 +266,7 @@ def evaluate_bits_per_dim(model: ScoreModel, sde, test: ImageDataset, config: Im
         "bits_per_dim_sem": float(bpd.std() / math.sqrt(bpd.numel())) if bpd.numel() > 1 else float("nan"),
         "n_points": n,
         "repeats": config.eval_repeats,
+        "eval_seed": config.eval_seed,
         "solver": settings,
     }
 
@@ -355,15 +374,21 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the DSM network pass (CUDA only)")
     p.add_argument("--init-from", type=str, default=None, metavar="CKPT",
                    help="fine-tune from this checkpoint (or run folder) of the same architecture")
-    p.add_argument("--eval-points", type=_ranged(int, 0, 10**6), default=d.eval_points,
-                   help="test images for bits/dim (0: skip)")
+    _add_eval_arguments(p)
+    p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in its folder from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder; do nothing")
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    d = ImageConfig()
+    p.add_argument("--eval-points", type=_ranged(int, 1, 10**6), default=d.eval_points, help="test images for bits/dim")
     p.add_argument("--eval-repeats", type=_ranged(int, 1, 100), default=d.eval_repeats,
                    help="repeats of the test images (dequantization and probe redrawn; 5 in Score SDE)")
     p.add_argument("--eval-rtol", type=_ranged(float, 0.0, 1.0, lo_open=True), default=d.eval_rtol,
                    help="RK45 rtol = atol of the PF-ODE solve")
-    p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in its folder from its checkpoint")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder; do nothing")
+    p.add_argument("--eval-seed", type=_ranged(int, 0, 2**62), default=d.eval_seed,
+                   help="seed of the dequantization noise and Hutchinson probes")
 
 
 def add_parser(subparsers) -> None:
@@ -374,6 +399,15 @@ def add_parser(subparsers) -> None:
         _add_arguments(p, data)
         p.set_defaults(handler=_handler, image_data=data)
         _one_line_errors(p)
+    e = subparsers.add_parser("images-eval", help="bits/dim of a saved cifar10/digits run (EMA weights)",
+                              description="Re-evaluate bits/dim of the EMA model of a cifar10/digits run folder; "
+                              "writes RUN_DIR/bpd_seed<S>_n<N>_r<R>.json.",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("run_dir", type=Path, help="a run folder written by cifar10 or digits")
+    _add_eval_arguments(e)
+    e.add_argument("--device", choices=[c.value for c in DeviceChoice], default="auto", help="evaluation device")
+    e.set_defaults(handler=_eval_handler)
+    _one_line_errors(e)
 
 
 def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]) -> ImageConfig:
@@ -386,7 +420,7 @@ def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]
             seed=int(args.seed), ckpt_every=int(args.ckpt_every), hflip=data is ImageData.CIFAR10,
             bf16=bool(args.bf16), device=DeviceChoice(args.device),
             init_from=str(args.init_from) if args.init_from else None, eval_points=int(args.eval_points),
-            eval_repeats=int(args.eval_repeats), eval_rtol=float(args.eval_rtol),
+            eval_repeats=int(args.eval_repeats), eval_rtol=float(args.eval_rtol), eval_seed=int(args.eval_seed),
         )
     except ValueError as e:
         raise CLIError(str(e)) from None
@@ -417,4 +451,34 @@ def _handler(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown(env)
     log.info("wrote %s", run_dir)
+    return 0
+
+
+def evaluate_run(run_dir: Path, device: torch.device, progress: bool = True, **eval_settings: Any) -> dict[str, Any]:
+    """bits/dim of the EMA weights of ``run_dir`` with ``eval_settings`` (eval_points, eval_repeats, eval_rtol,
+    eval_seed) replacing the run's; written to ``run_dir/bpd_seed<S>_n<N>_r<R>.json`` and returned."""
+    from fpe_lab.checkpoint import read_config
+
+    config = dataclasses.replace(ImageConfig.from_dict(read_config(run_dir)), **eval_settings)
+    sde = build_sde(config.sde)
+    model = build_image_model(config, sde)
+    model.load_state_dict(load_checkpoint(run_dir / CHECKPOINT_NAME)["ema"])
+    model.to(device).eval()
+    result = evaluate_bits_per_dim(model, sde, load_data(config, ImageSplit.TEST), config, device, progress)
+    name = f"bpd_seed{config.eval_seed}_n{result['n_points']}_r{config.eval_repeats}.json"
+    atomic_write_text(run_dir / name, json.dumps(result, indent=2) + "\n")
+    log.info("bits/dim %.4f (repeats %s) -> %s", result["bits_per_dim"],
+             ", ".join(f"{b:.4f}" for b in result["bits_per_dim_per_repeat"]), run_dir / name)
+    return result
+
+
+def _eval_handler(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_NAME).is_file() or not (run_dir / CHECKPOINT_NAME).is_file():
+        raise CLIError(f"{run_dir} is not an image run folder (needs {CONFIG_NAME} and {CHECKPOINT_NAME})")
+    try:
+        evaluate_run(run_dir, resolve_device(DeviceChoice(args.device)), eval_points=int(args.eval_points),
+                     eval_repeats=int(args.eval_repeats), eval_rtol=float(args.eval_rtol), eval_seed=int(args.eval_seed))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CLIError(f"cannot evaluate {run_dir}: {e}") from None
     return 0

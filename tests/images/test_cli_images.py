@@ -54,6 +54,16 @@ def test_train_evaluate_resume(cifar, tmp_path, capsys):
     assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 2
     assert (run_dir / "checkpoint.pt").read_bytes() == before  # a finished run is not retrained
 
+    # re-evaluation of the saved EMA weights with another probe/dequantization seed; same seed, same number
+    ev = ["images-eval", str(run_dir), "--eval-points", "1", "--eval-rtol", "0.1", "--device", "cpu"]
+    assert run.main([*ev, "--eval-seed", "3"]) == 0
+    first = json.loads((run_dir / "bpd_seed3_n1_r1.json").read_text())
+    assert first["eval_seed"] == 3 and first["bits_per_dim"] > 0
+    assert run.main([*ev, "--eval-seed", "3"]) == 0
+    assert json.loads((run_dir / "bpd_seed3_n1_r1.json").read_text())["bits_per_dim"] == first["bits_per_dim"]
+    assert run.main(["images-eval", str(tmp_path)]) == 2
+    assert "is not an image run folder" in capsys.readouterr().err
+
     # fine-tuning from that run (same architecture) works and starts from its EMA weights
     ft_out = tmp_path / "ft"
     assert run.main(["cifar10", "--data-dir", str(cifar), "--out", str(ft_out), "--init-from", str(run_dir),
