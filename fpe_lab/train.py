@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -94,7 +94,6 @@ class TrainResult:
     history: torch.Tensor
     wall_s: float = 0.0
     resumed_from: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -256,8 +255,6 @@ def train(
                     bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", fpe=f"{smooth['fpe']:.4g}", refresh=False)
     finally:
         bar.close()
-    if step == options.steps and ckpt_path is not None and not ckpt_path.is_file():
-        save()
     model.eval()
     ema.eval()
     return TrainResult(model=model, ema=ema, step=step, history=history, wall_s=time.perf_counter() - start,
