@@ -16,7 +16,7 @@ For the forward SDE dx = f(x, t) dt + g(t) dw with score s = ∇ log p_t:
 
 Every function takes ``score_fn(x, t) -> s`` with x of shape (b, *dims) and t of shape (b,), so the
 exact mixture score and a trained network are interchangeable, and the same code serves 2-D points
-and images. The start x_T is passed in explicitly (``sde.prior_sample((b, *dims), generator)``).
+and images. The samplers run under ``torch.no_grad()``: score_fn must not need autograd itself. The start x_T is passed in explicitly (``sde.prior_sample((b, *dims), generator)``).
 
 :func:`integrate_ode` (the torch ↔ scipy bridge with NFE count and progress bar) is shared with
 :mod:`fpe_lab.likelihood`.

@@ -148,7 +148,7 @@ def evaluate(
             evaluation within ~40 s on 2 CPU cores.
         n_projections, kernel, floor_repeats: sliced Wasserstein, MMD kernel, noise-floor repeats.
         dtype: dtype passed to score_fn (float64 for verification; float32 for a float32 network).
-        progress: tqdm bar over the stages.
+        progress: tqdm bar over the stages (and nested bars for the ODE solves and the SDE steps).
 
     Returns (all numbers are Python floats/ints; nothing is NaN — a non-finite metric raises
     ``FloatingPointError`` naming it):
@@ -229,7 +229,8 @@ def evaluate(
     if n_nll:
         bar.set_postfix_str("PF-ODE NLL")
         x0 = draw(n_nll)
-        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=ode_method, rtol=nll_rtol, atol=nll_atol)
+        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=ode_method, rtol=nll_rtol, atol=nll_atol,
+                         progress=progress)
         model = res.nats.to(torch.float64)
         true = -truth.log_prob(x0, eps)
         gap = model - true
@@ -258,10 +259,12 @@ def evaluate(
 
         bar.set_postfix_str("reverse-SDE samples")
         x_T = sde.prior_sample((n_samples, dim), generator=generator, dtype=dtype)
-        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator)
+        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator,
+                                   progress=progress)
         bar.update()
         bar.set_postfix_str("PF-ODE samples")
-        ode = pf_ode_sample(score_fn, sde, x_T, eps=eps, method=ode_method, rtol=sample_rtol, atol=sample_atol)
+        ode = pf_ode_sample(score_fn, sde, x_T, eps=eps, method=ode_method, rtol=sample_rtol, atol=sample_atol,
+                            progress=progress)
         bar.update()
         bar.set_postfix_str("sample distances")
         held_out = draw(n_samples)
