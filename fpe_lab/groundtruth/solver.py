@@ -98,6 +98,13 @@ def fd_score(log_p: np.ndarray, grid: Grid) -> np.ndarray:
     return np.stack(grads, axis=-1)
 
 
+def _from_density(density: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """log p and its finite-difference score for densities of shape (T, *grid.shape)."""
+    with np.errstate(divide="ignore"):
+        log_p = np.log(density)
+    return log_p, np.stack([fd_score(lp, grid) for lp in log_p])
+
+
 def solve_fokker_planck(
     sde,
     p0,
@@ -113,7 +120,7 @@ def solve_fokker_planck(
 
     Main arguments:
         sde: any object with ``drift(x, t)`` (torch, x (b, D) float64, t (b,)) -> (b, D) and
-            ``diffusion(t)`` (t (b,)) -> g (b,) with g > 0. An object that also has ``marginal(t)`` ->
+            ``diffusion(t)`` (t (b,)) -> g (b,) with g >= 0, not identically 0. An object that also has ``marginal(t)`` ->
             (alpha, sigma) (a linear SDE such as VESDE/VPSDE/SubVPSDE) is solved exactly by default.
         p0: nonnegative array of shape ``grid.shape``, the initial density at the cell centres
             (normalised internally); it should vanish towards the walls.
@@ -130,6 +137,12 @@ def solve_fokker_planck(
     Returns:
         :class:`Solution` with ``density``/``log_density`` of shape (T, *grid.shape) and ``score`` of
         shape (T, *grid.shape, D).
+
+    Accuracy: CONVOLUTION is exact to round-off (relative, down to ~1e-300·max) once the kernel
+    sigma/alpha spans ~2 cells. FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
+    "young" tails (little added variance compared with the distance from the data: VE or any SDE at
+    small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
+    exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth (issue 3)").
 
     Warns:
         BoundaryWarning: mass reaches the walls. ResolutionWarning: p0 or the kernel is not resolved,
@@ -163,15 +176,10 @@ def solve_fokker_planck(
                 if ti == 0:
                     continue
                 log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid)
-        case Method.FINITE_VOLUME | Method.SEPARABLE:
-            if method is Method.SEPARABLE:
-                density = propagate_separable(sde, p, grid, t)
-            else:
-                density, _ = solve_density(sde, p, grid, t, int(n_steps), progress=progress)
-            with np.errstate(divide="ignore"):
-                log_p[:] = np.log(density)
-            for i in range(len(t)):
-                score[i] = fd_score(log_p[i], grid)
+        case Method.FINITE_VOLUME:
+            log_p[:], score[:] = _from_density(solve_density(sde, p, grid, t, int(n_steps), progress=progress)[0], grid)
+        case Method.SEPARABLE:
+            log_p[:], score[:] = _from_density(propagate_separable(sde, p, grid, t), grid)
     for i in np.flatnonzero(t == 0):
         with np.errstate(divide="ignore"):
             log_p[i] = np.log(p)
