@@ -260,7 +260,9 @@ def log_density_fpe_residual(
     if not isinstance(log_p, torch.Tensor) or log_p.shape != x.shape[:1]:
         got = tuple(log_p.shape) if isinstance(log_p, torch.Tensor) else type(log_p).__name__
         raise ValueError(f"log_prob_fn(x, t) must return shape ({x.shape[0]},); got {got}")
-    (s, dt_log_p) = torch.autograd.grad(log_p.sum(), (x, t), create_graph=True)
+    s, dt_log_p = torch.autograd.grad(log_p.sum(), (x, t), create_graph=True, allow_unused=True)
+    s = torch.zeros_like(x) if s is None else s  # a log-density constant in x or in t
+    dt_log_p = torch.zeros_like(t) if dt_log_p is None else dt_log_p
     flat = s.reshape(s.shape[0], -1)
     g2 = sde.diffusion(t) ** 2
     f_dot_s = (sde.drift(x, t).reshape(s.shape[0], -1) * flat).sum(-1)

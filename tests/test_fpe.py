@@ -374,3 +374,27 @@ def test_exact_divergence_matches_jacobian_trace():
     # same derivatives by two loops of reverse passes: round-off only
     torch.testing.assert_close(divergence(fn, x, 0.3), torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1), rtol=1e-12, atol=1e-12)
     assert repr(ExactDivergence()) == "ExactDivergence()"
+
+
+@pytest.mark.analytic
+def test_standard_normal_is_stationary_for_vp_but_not_subvp():
+    """N(0, I) is VP's stationary law: both residuals vanish for s = −x; sub-VP (g² < beta) moves it,
+    with log-density residual ½(g² − beta)(‖x‖² − D) in closed form."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+
+    def log_p(xx, tt):
+        return -0.5 * (xx**2).sum(-1)
+
+    def score(xx, tt):
+        return -xx
+
+    vp, sub = VPSDE(), SubVPSDE()
+    # float64 round-off of O(beta ‖x‖²) terms
+    assert log_density_fpe_residual(log_p, vp, x, t).abs().max() < 1e-12
+    assert score_fpe_residual(score, vp, x, t).abs().max() < 1e-12
+    expected = 0.5 * (sub.diffusion(t) ** 2 - sub.beta(t)) * ((x**2).sum(-1) - 3)
+    torch.testing.assert_close(log_density_fpe_residual(log_p, sub, x, t), -expected, rtol=1e-12, atol=1e-12)
+    # score residual = ∇ of the log-density residual: −(g² − beta) x
+    torch.testing.assert_close(score_fpe_residual(score, sub, x, t),
+                               -(sub.diffusion(t) ** 2 - sub.beta(t))[:, None] * x, rtol=1e-12, atol=1e-12)
