@@ -374,15 +374,16 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the DSM network pass (CUDA only)")
     p.add_argument("--init-from", type=str, default=None, metavar="CKPT",
                    help="fine-tune from this checkpoint (or run folder) of the same architecture")
-    _add_eval_arguments(p)
+    _add_eval_arguments(p, min_points=0)
     p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in its folder from its checkpoint")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and run folder; do nothing")
 
 
-def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+def _add_eval_arguments(p: argparse.ArgumentParser, min_points: int) -> None:
     d = ImageConfig()
-    p.add_argument("--eval-points", type=_ranged(int, 1, 10**6), default=d.eval_points, help="test images for bits/dim")
+    p.add_argument("--eval-points", type=_ranged(int, min_points, 10**6), default=d.eval_points,
+                   help="test images for bits/dim" + (" (0: skip)" if min_points == 0 else ""))
     p.add_argument("--eval-repeats", type=_ranged(int, 1, 100), default=d.eval_repeats,
                    help="repeats of the test images (dequantization and probe redrawn; 5 in Score SDE)")
     p.add_argument("--eval-rtol", type=_ranged(float, 0.0, 1.0, lo_open=True), default=d.eval_rtol,
@@ -404,7 +405,7 @@ def add_parser(subparsers) -> None:
                               "writes RUN_DIR/bpd_seed<S>_n<N>_r<R>.json.",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("run_dir", type=Path, help="a run folder written by cifar10 or digits")
-    _add_eval_arguments(e)
+    _add_eval_arguments(e, min_points=1)
     e.add_argument("--device", choices=[c.value for c in DeviceChoice], default="auto", help="evaluation device")
     e.set_defaults(handler=_eval_handler)
     _one_line_errors(e)

@@ -133,3 +133,35 @@ def test_gpu_bf16_smoke(cifar, tmp_path):
     assert run.main(argv) == 0
     metrics = json.loads((_run_dir(tmp_path) / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["likelihood"]["bits_per_dim"]))
+
+
+def test_nan_loss_exits_2_and_keeps_last_good_checkpoint(cifar, tmp_path, capsys, monkeypatch):
+    """A non-finite loss at step 2 stops the run with one line and exit 2; checkpoint.pt stays at step 1."""
+    from fpe_lab.commands import images
+    from fpe_lab.losses import LossTerms
+
+    real = images.build_image_loss
+
+    def poisoned(config, sde):
+        loss, calls = real(config, sde), []
+
+        def fn(model, x0, generator):
+            calls.append(1)
+            terms = loss(model, x0, generator)
+            if len(calls) < 2:
+                return terms
+            nan = terms.total * float("nan")
+            return LossTerms(total=nan, dsm=nan, fpe=terms.fpe)
+
+        return fn
+
+    monkeypatch.setattr(images, "build_image_loss", poisoned)
+    argv = ["cifar10", "--data-dir", str(cifar), "--out", str(tmp_path), "--reg", "none", "--steps", "3",
+            "--batch", "2", "--ckpt-every", "1", "--eval-points", "0", "--device", "cpu"]
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 2" in err and "last good checkpoint: step 1" in err
+    assert [line for line in err.splitlines() if "Traceback" in line or line.startswith("error:")] == [
+        err.strip().splitlines()[-1]]  # one error line (after the progress bar), no traceback
+    state = load_checkpoint(_run_dir(tmp_path) / "checkpoint.pt")
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
