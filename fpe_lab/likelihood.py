@@ -113,7 +113,8 @@ class UniformDequantization:
     def __post_init__(self) -> None:
         if not isinstance(self.levels, int) or self.levels < 2:
             raise ValueError(f"levels must be an int >= 2; got {self.levels!r}")
-        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.low, self.high))
+        if not (numbers and math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
             raise ValueError(f"need finite low < high; got low={self.low!r}, high={self.high!r}")
 
     @property

@@ -51,8 +51,8 @@ def test_gaussian_nll_matches_closed_form_at_tight_tolerance(sde):
     res = pf_ode_nll(gauss.score, sde, x, eps=eps, rtol=1e-9, atol=1e-9,
                      prior_log_prob=lambda y: gauss.log_prob(y, 1.0))
     true = -gauss.log_prob(x, eps)
-    # RK45 at rtol=atol=1e-9; RMS control does not bound each point, so allow 1e3 x tol per point
-    assert (res.nats - true).abs().max() < 1e-6
+    # RK45 at rtol=atol=1e-9 (measured max 6e-9, VE); RMS control does not bound each point: 100 x tol
+    assert (res.nats - true).abs().max() < 1e-7
     assert res.nats.dtype == torch.float64 and res.nfe > 0
     assert res.settings["rtol"] == 1e-9 and res.settings["method"] == "RK45"
 
@@ -65,8 +65,8 @@ def test_mixture_nll_matches_exact_minus_log_p_eps():
     res = pf_ode_nll(mix.score_fn(sde), sde, x, eps=eps, rtol=1e-7, atol=1e-7,
                      prior_log_prob=lambda y: mix.log_prob(y, 1.0, sde))
     true = -mix.log_prob(x, eps, sde)
-    # RK45 at 1e-7 (REFERENCE §4: 1e-8 gives 3e-6 nats); per-point error not bounded by RMS control
-    assert (res.nats - true).abs().max() < 1e-4
+    # RK45 at 1e-7 (measured max 8e-7 nats; 2.6e-4 at 1e-5); per-point error not bounded by RMS control
+    assert (res.nats - true).abs().max() < 1e-5
     # bits/dim is the same number in other units
     torch.testing.assert_close(res.bits_per_dim, res.nats / (2 * math.log(2)), rtol=0, atol=1e-12)
 
@@ -151,6 +151,8 @@ def test_uniform_dequantization_offset_and_bins():
         deq.dequantize(x + 0.3 * deq.bin_width)
     with pytest.raises(ValueError, match="levels"):
         UniformDequantization(1)
+    with pytest.raises(ValueError, match="low < high"):
+        UniformDequantization(256, 1.0, "2")
 
 
 @pytest.mark.analytic
