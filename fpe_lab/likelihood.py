@@ -171,9 +171,9 @@ class NLLResult:
     settings: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        """JSON-serialisable means, standard errors and settings."""
+        """JSON-serialisable means, standard errors (None for one point) and settings."""
         n = self.nats.numel()
-        sem = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
+        sem = lambda v: float(v.std() / math.sqrt(n)) if n > 1 else None  # noqa: E731
         return {
             "n_points": n,
             "nats": float(self.nats.mean()),
