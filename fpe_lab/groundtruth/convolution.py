@@ -14,20 +14,30 @@ directly (no resampling). Unlike an FFT, every term is a product of nonnegative 
 exact to round-off down to p ≈ 1e-300·max. Each kernel row is shifted by its largest entry over the
 support of p_0 so nothing underflows before the logarithm. The score uses the kernel's derivative
 (−(y − x_0)/s²)·N, not finite differences.
+
+When the kernel is narrower than 2 cells (small t) the midpoint sum aliases; then p_0 is taken as its
+band-limited (sinc) interpolant, which a p_0 resolved by the grid is, and the kernel becomes the
+Gaussian convolved with the sinc (closed form with the Faddeeva function). That kernel has signed
+tails, so the result has absolute round-off ~eps·max: cells below 1e-14·max get log p = −inf and a
+NaN score (the solver warns).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
 
-from fpe_lab.groundtruth.diagnostics import ResolutionWarning
 from fpe_lab.groundtruth.grid import Grid
 
 __all__ = ["convolve_marginal", "marginal_coefficients"]
+
+# Below this many cells per kernel width the midpoint sum of Gaussians aliases (its error
+# ~exp(−2π²(s/h)²) is 5e-4 at s = h, 1e-34 at s = 2h); the band-limited kernel is used instead.
+_BANDLIMIT_BELOW = 2.0
+# ~100 eps: the round-off of a signed sum of O(n) terms of size <= max q.
+_NOISE_FLOOR = 1e-14
 
 
 def _apply(mat: np.ndarray, arr: np.ndarray, axis: int) -> np.ndarray:
@@ -44,6 +54,30 @@ def _kernels(y: np.ndarray, x: np.ndarray, s: float, support: np.ndarray):
     return k, -diff / (s * s) * k, m / (2 * s * s)
 
 
+def _bandlimited_kernels(y: np.ndarray, x: np.ndarray, s: float, h: float):
+    """Kernel of the Gaussian convolved with the band-limited (sinc) interpolant of the samples.
+
+    G(d) = (h/π) ∫_0^{K} e^{−s²k²/2} cos(kd) dk,  K = π/h,
+         = h [N_s(d) − e^{−s²K²/2}/(s√(2π)) Re(e^{−iKd} w(ζ))],  ζ = (−d + i s²K)/(s√2),
+    with w the Faddeeva function; G → h N_s(d) (the midpoint kernel) for s ≫ h. Returns (G, G', 0).
+    """
+    from scipy.special import wofz
+
+    d = y[:, None] - x[None, :]
+    kk = math.pi / h
+    zeta = (-d + 1j * s * s * kk) / (s * math.sqrt(2))
+    c = math.exp(-0.5 * (s * kk) ** 2) / (s * math.sqrt(2 * math.pi))
+    phase = np.exp(-1j * kk * d)
+    wz = wofz(zeta)
+    normal = np.exp(-0.5 * (d / s) ** 2) / (s * math.sqrt(2 * math.pi))
+    g = h * (normal - c * (phase * wz).real)
+    dw = -2 * zeta * wz + 2j / math.sqrt(math.pi)  # w'(ζ); dζ/dd = −1/(s√2)
+    dg = h * (-d / (s * s) * normal - c * (-1j * kk * phase * wz - phase * dw / (s * math.sqrt(2))).real)
+    # normalised as the midpoint kernel below: divide by h·N_s's constant there
+    norm = h / (s * math.sqrt(2 * math.pi))
+    return g / norm, dg / norm, np.zeros(len(y))
+
+
 def convolve_marginal(
     alpha: float, sigma: float, p0: np.ndarray, grid: Grid
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -57,18 +91,15 @@ def convolve_marginal(
         score: (*grid.shape, D).
     """
     s = sigma / alpha
-    if s < min(grid.dx):
-        warnings.warn(
-            f"the transition kernel is not resolved: sigma/alpha = {s:.3g} < cell width {min(grid.dx):.3g}; "
-            "the midpoint convolution is inaccurate at this time (refine the grid)",
-            ResolutionWarning,
-            stacklevel=3,
-        )
+    narrow = s < _BANDLIMIT_BELOW * min(grid.dx)
     kern, dkern, shift = [], [], []
     for d, x in enumerate(grid.axes):
         other = tuple(a for a in range(grid.ndim) if a != d)
         support = (p0.sum(axis=other) if other else p0) > 0
-        k, dk, m = _kernels(x / alpha, x, s, support)
+        if narrow:
+            k, dk, m = _bandlimited_kernels(x / alpha, x, s, grid.dx[d])
+        else:
+            k, dk, m = _kernels(x / alpha, x, s, support)
         kern.append(k)
         dkern.append(dk)
         shift.append(m)
@@ -89,6 +120,12 @@ def convolve_marginal(
     with np.errstate(divide="ignore", invalid="ignore"):
         log_p = np.log(q) - total_shift + log_norm
         score = np.stack([g / q for g in grads], axis=-1) / alpha
+    if narrow:
+        # The signed band-limited sum has absolute round-off ~eps·max q: below _NOISE_FLOOR·max the
+        # cell carries no information; mark it (log p = −inf, score NaN; the solver warns).
+        noise = q <= _NOISE_FLOOR * q.max()
+        log_p[noise] = -np.inf
+        score[noise] = np.nan
     return log_p, score
 
 

@@ -191,7 +191,8 @@ def solve_fokker_planck(
         times_bad = sorted({float(t[i]) for i in np.nonzero(bad)[0]})
         warnings.warn(
             f"the score is not finite at {int(bad.any(axis=-1).sum())} grid cells (times {times_bad}): p is zero "
-            "or underflowed there (p0 with zeros at t = 0, or p below ~1e-308·max)",
+            "or unresolved there (p0 with zeros at t = 0, p below ~1e-308·max, or, for a kernel narrower "
+            "than 2 cells, below the 1e-14·max round-off of the band-limited convolution)",
             ResolutionWarning,
             stacklevel=2,
         )
