@@ -181,3 +181,56 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert b["step"] == steps
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])  # bitwise equal on CPU
+
+
+# ---------------------------------------------------------------------- fpe_lab.config
+def test_config_json_roundtrip_and_enums():
+    from fpe_lab.config import FPEWeighting, Regularizer, SDEKind, ToyData
+
+    cfg = toy2d(data=ToyData.CHECKERBOARD, sde=SDEKind.SUBVP, reg=Regularizer.NONE, fpe_weighting=FPEWeighting.G2,
+                fpe_batch=64, grad_clip=1.0)
+    d = json.loads(cfg.to_json())
+    assert d["data"] == "checkerboard" and d["sde"] == "subvp" and d["fpe_weighting"] == "g2"
+    assert Toy2dConfig.from_json(cfg.to_json()) == cfg
+    assert Toy2dConfig.from_dict({}) == toy2d()  # missing keys take the preset's defaults
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: toy2d(lam=-1.0), "lam"),
+        (lambda: toy2d(steps=0), "steps"),
+        (lambda: toy2d(steps=True), "steps"),
+        (lambda: toy2d(eps=0.0), "eps"),
+        (lambda: toy2d(sde="vp"), "sde must be a SDEKind"),
+        (lambda: toy2d(fpe_batch=512), "fpe_batch must be <= batch"),
+        (lambda: Toy2dConfig.from_dict({"sde": "ou"}), r"sde must be one of \['ve', 'vp', 'subvp'\]; got 'ou'"),
+        (lambda: Toy2dConfig.from_dict({"colour": 1}), r"unknown config keys \['colour'\]"),
+        (lambda: Toy2dConfig.from_json("{"), "not valid JSON"),
+    ],
+)
+def test_config_bad_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_builders_follow_the_config():
+    from fpe_lab.config import ResidualPath, SDEKind, build_loss, build_model, build_sde, residual_function
+    from fpe_lab.fpe import score_fpe_residual
+    from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+
+    assert [type(build_sde(k)) for k in SDEKind] == [VESDE, VPSDE, SubVPSDE]
+    assert residual_function(ResidualPath.GENERIC) is score_fpe_residual
+    jet = pytest.importorskip("fpe_lab.nets.jet")
+    assert residual_function(ResidualPath.JET) is jet.jet_score_fpe_residual
+    cfg = toy2d(**TINY)
+    loss = build_loss(cfg, build_sde(cfg.sde))
+    assert loss.regularizer.lam == cfg.lam and loss.eps == cfg.eps
+    assert build_loss(cfg.replace(reg=cfg.reg.NONE), build_sde(cfg.sde)).regularizer is None
+    # the same seed gives the same initial weights, without touching the global RNG
+    state = torch.get_rng_state()
+    a, b = build_model(cfg, build_sde(cfg.sde)), build_model(cfg, build_sde(cfg.sde))
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    c = build_model(cfg.replace(seed=1), build_sde(cfg.sde))
+    assert not torch.equal(a.net.out.weight, c.net.out.weight)
