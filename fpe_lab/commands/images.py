@@ -155,6 +155,10 @@ def run_dir_name(config: ImageConfig) -> str:
     reg = config.reg.value
     if config.reg is Regularizer.FPE:
         reg += f"_lam{config.lam:g}_p{config.probes}"
+        if config.fpe_weighting is not FPEWeighting.NORMALIZED:
+            reg += f"_w{config.fpe_weighting.value}"
+        if not config.per_dim:
+            reg += "_sum"
     init = "_ft" if config.init_from else ""
     return (f"{config.data.value}_{config.model.value}_{config.sde.value}_{reg}{init}_steps{config.steps}"
             f"_b{config.batch}_seed{config.seed}")
@@ -366,6 +370,12 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
     p.add_argument("--steps", type=_ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
     p.add_argument("--batch", type=_ranged(int, 1, 10**6), default=d.batch, help="global batch size")
     p.add_argument("--probes", type=_ranged(int, 1, 1024), default=d.probes, help="Hutchinson probes per sample")
+    p.add_argument("--fpe-weighting", choices=[w.value for w in FPEWeighting], default=d.fpe_weighting.value,
+                   help="w(t) of the FPE term: normalized = sigma⁶/g⁴, g2 = g² (the paper's code), one")
+    p.add_argument("--per-dim", action=argparse.BooleanOptionalAction, default=d.per_dim,
+                   help="divide the FPE term by D = C·H·W")
+    p.add_argument("--eps", type=_ranged(float, 0.0, 0.5, lo_open=True), default=d.eps,
+                   help="smallest time t of training and of the PF-ODE solve")
     p.add_argument("--lr", type=_ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
     p.add_argument("--seed", type=_ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
     p.add_argument("--ckpt-every", type=_ranged(int, 1, 10**9), default=d.ckpt_every, help="checkpoint interval (steps)")
@@ -417,7 +427,8 @@ def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]
         return ImageConfig(
             data=data, data_dir=str(args.data_dir) if data is ImageData.CIFAR10 else None, image_shape=image_shape,
             model=UNetSize(args.model), sde=SDEKind(args.sde), reg=Regularizer(args.reg), lam=float(args.lam),
-            probes=int(args.probes), steps=int(args.steps), batch=int(args.batch), lr=float(args.lr),
+            probes=int(args.probes), fpe_weighting=FPEWeighting(args.fpe_weighting), per_dim=bool(args.per_dim),
+            eps=float(args.eps), steps=int(args.steps), batch=int(args.batch), lr=float(args.lr),
             seed=int(args.seed), ckpt_every=int(args.ckpt_every), hflip=data is ImageData.CIFAR10,
             bf16=bool(args.bf16), device=DeviceChoice(args.device),
             init_from=str(args.init_from) if args.init_from else None, eval_points=int(args.eval_points),
