@@ -235,3 +235,15 @@ def test_config_mismatch_names_the_keys(tmp_path):
 def test_bad_options(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainOptions(**kw)
+
+
+@pytest.mark.gpu
+def test_cuda_training_checkpoints_and_resumes(tmp_path):
+    """On CUDA: the noise generator lives on the device, RNG states round-trip through the checkpoint."""
+    opts = _opts(steps=6, ckpt_every=3)
+    full = train(_model(), _loss(), _sampler, opts, device="cuda", run_dir=tmp_path)
+    assert next(full.model.parameters()).is_cuda and torch.isfinite(full.history).all()
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 6 and state["rng"]["noise"].device.type == "cpu"
+    resumed = train(_model(seed=5), _loss(), _sampler, opts, device="cuda", run_dir=tmp_path, resume=True)
+    assert resumed.step == 6 and resumed.resumed_from == 6
