@@ -102,7 +102,10 @@ class Hutchinson:
             raise ValueError(f"probe must be a fpe_lab.fpe.Probe ({list(Probe)}); got {self.probe!r}")
 
     def sample_probe(self, like: torch.Tensor) -> torch.Tensor:
-        v = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=like.device)
+        """One probe per sample, shape and dtype of ``like``; drawn on the generator's device (so a CPU
+        generator serves CUDA inputs, with the same probes as on CPU) and moved to ``like``'s."""
+        device = self.generator.device if self.generator is not None else like.device
+        v = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=device).to(like.device)
         return v.sign() if self.probe is Probe.RADEMACHER else v
 
     def __call__(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -398,3 +398,26 @@ def test_standard_normal_is_stationary_for_vp_but_not_subvp():
     # score residual = ∇ of the log-density residual: −(g² − beta) x
     torch.testing.assert_close(score_fpe_residual(score, sub, x, t),
                                -(sub.diffusion(t) ** 2 - sub.beta(t))[:, None] * x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_on_cuda_matches_cpu(dtype):
+    """Same operator on CUDA: exact and Hutchinson residuals equal the CPU ones (same probes)."""
+    sde = VPSDE()
+    w, means, covs, rng = random_mixture(100, 3, 2, min_var=0.3)
+    gmm = GaussianMixture(w, means, covs)
+    x = torch.tensor(points(rng, means, 32), dtype=dtype)
+    t = torch.linspace(0.05, 0.95, 32, dtype=dtype)
+    results = {}
+    for device in ("cpu", "cuda"):
+        g = GaussianMixture(gmm.weights.to(device), gmm.means.to(device), gmm.covs.to(device))
+        est = Hutchinson(2, Probe.GAUSSIAN, torch.Generator().manual_seed(5))
+        xd, td = x.to(device), t.to(device)
+        results[device] = (score_fpe_residual(g.score_fn(sde), sde, xd, td).cpu(),
+                           score_fpe_residual(g.score_fn(sde), sde, xd, td, divergence=est).cpu())
+    scale = score_fpe_terms(gmm.score_fn(sde), sde, x.double(), t.double()).scale[:, None]
+    # float32: eps 1.2e-7 through a third-order chain (different kernels on the two devices)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    for cpu, cuda in zip(results["cpu"], results["cuda"]):
+        assert torch.all((cpu.double() - cuda.double()).abs() <= tol * scale)
