@@ -79,19 +79,21 @@ def _bandlimited_kernels(y: np.ndarray, x: np.ndarray, s: float, h: float):
 
 
 def convolve_marginal(
-    alpha: float, sigma: float, p0: np.ndarray, grid: Grid
+    alpha: float, sigma: float, p0: np.ndarray, grid: Grid, p0_resolved: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """log p_t and ∇ log p_t on the grid for x_t = alpha x_0 + sigma z, z ~ N(0, I).
 
     Args:
         alpha, sigma: the marginal coefficients at t (sigma > 0).
         p0: (*grid.shape) nonnegative density normalised so that ``grid.integrate(p0) == 1``.
+        p0_resolved: whether p0 is resolved by the grid (then it is band-limited and narrow kernels use
+            the band-limited kernel; otherwise the positive midpoint kernel is kept, aliasing and all).
     Returns:
         log_p: (*grid.shape), −inf where q underflows below ~1e-308 of the shifted scale;
         score: (*grid.shape, D).
     """
     s = sigma / alpha
-    narrow = s < _BANDLIMIT_BELOW * min(grid.dx)
+    narrow = p0_resolved and s < _BANDLIMIT_BELOW * min(grid.dx)
     kern, dkern, shift = [], [], []
     for d, x in enumerate(grid.axes):
         other = tuple(a for a in range(grid.ndim) if a != d)

@@ -28,7 +28,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
-from fpe_lab.groundtruth.diagnostics import WALL_TOL, ResolutionWarning, check_resolution, check_walls
+from fpe_lab.groundtruth.diagnostics import (
+    CURVATURE_TOL,
+    WALL_TOL,
+    ResolutionWarning,
+    check_resolution,
+    check_walls,
+)
 from fpe_lab.groundtruth.finite_volume import solve_density
 from fpe_lab.groundtruth.grid import Grid
 from fpe_lab.groundtruth.propagator import propagate_separable
@@ -161,7 +167,7 @@ def solve_fokker_planck(
         raise ValueError(f"wall_tol must be a number in (0, 1); got {wall_tol!r}")
     if method is Method.AUTO:
         method = Method.CONVOLUTION if _has_gaussian_transition(sde) else Method.FINITE_VOLUME
-    check_resolution(grid, p)
+    p0_resolved = check_resolution(grid, p) <= CURVATURE_TOL
 
     log_p = np.empty((len(t), *grid.shape))
     score = np.empty((len(t), *grid.shape, grid.ndim))
@@ -175,7 +181,7 @@ def solve_fokker_planck(
             for i, ti in enumerate(tqdm(t, desc="Gaussian convolution", unit="time", disable=not progress, leave=False)):
                 if ti == 0:
                     continue
-                log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid)
+                log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid, p0_resolved)
         case Method.FINITE_VOLUME:
             log_p[:], score[:] = _from_density(solve_density(sde, p, grid, t, int(n_steps), progress=progress)[0], grid)
         case Method.SEPARABLE:
