@@ -145,7 +145,8 @@ def solve_fokker_planck(
         shape (T, *grid.shape, D).
 
     Accuracy: CONVOLUTION is exact to round-off (relative, down to ~1e-300·max) once the kernel
-    sigma/alpha spans ~2 cells. FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
+    sigma/alpha spans 2 cells; for narrower kernels (small t) and a resolved p0 it uses the band-limited
+    kernel, exact down to ~1e-14·max (cells below are marked −inf/NaN, with a warning). FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
     "young" tails (little added variance compared with the distance from the data: VE or any SDE at
     small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
     exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth (issue 3)").
