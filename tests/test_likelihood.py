@@ -227,3 +227,18 @@ def test_cuda_tensors_give_the_cpu_result():
     torch.testing.assert_close(gpu.nats.cpu(), cpu.nats, rtol=0, atol=1e-6)
     out = pf_ode_sample(gauss.score, sde, x.cuda(), eps=1e-3)
     assert out.x.is_cuda and torch.isfinite(out.x).all()
+
+
+def test_fast_exact_divergence_equals_fpe_exact_divergence():
+    from fpe_lab.likelihood import _freeze
+    from fpe_lab.model import ScoreModel
+    from fpe_lab.nets.mlp import TimeMLP
+
+    torch.manual_seed(0)
+    net = ScoreModel(TimeMLP(width=32, depth=2), VPSDE()).double()
+    x = torch.randn(50, 2, dtype=torch.float64).requires_grad_(True)
+    t = torch.full((50,), 0.3, dtype=torch.float64)
+    ref = ExactDivergence()(net(x, t), x)
+    fast = _freeze(ExactDivergence(), x)
+    assert not isinstance(fast, ExactDivergence)
+    torch.testing.assert_close(fast(net(x, t), x), ref.detach(), rtol=0, atol=1e-12)  # float64 round-off
