@@ -416,6 +416,9 @@ class CurveDistribution(ToyDistribution):
     is a composite Gauss–Legendre quadrature with ``order`` nodes on each of P_k equal panels in u,
     P_k = ceil(max_u |c_k'(u)| / (panel_width · w)), i.e. panels at most ``panel_width``·w long in
     arc length; so it is a mixture of K = order·Σ P_k isotropic Gaussians, summed with logsumexp.
+    Points are processed in Morton order in chunks; a chunk skips every panel whose contribution is
+    bounded (ball around the panel) below e^-45 of a lower bound of p for all its points, which
+    changes nothing beyond round-off (tested against the full sum).
     """
 
     w: float = 0.2

@@ -274,6 +274,38 @@ def test_quadrature_is_converged(name):
     assert _quadrature_error(coarse, d, VPSDE(), 0.0)[0] > 1e-3
 
 
+@pytest.mark.parametrize("name", CURVES)
+def test_panel_pruning_changes_nothing_but_round_off(name, monkeypatch):
+    """Skipping panels bounded below e^-45·p gives the full quadrature sum, also for per-point times."""
+    import fpe_lab.data.toy as toy
+
+    d = toy_distribution(name)
+    x = torch.cat([d.sample(500, _seeded(15)), _box_points(tuple((2 * lo, 2 * hi) for lo, hi in d.bounds), 20)])
+    t = torch.rand(x.shape[0], generator=_seeded(16), dtype=torch.float64) ** 3  # many small times
+    cases = [(VPSDE(), t), (VESDE(), t), (VPSDE(), 0.0)]
+    monkeypatch.setattr(toy, "_PRUNE_CHUNK", 16)  # small patches: most panels are dropped
+    pruned = [(d.perturbed_log_prob(x, tt, sde), d.perturbed_score(x, tt, sde)) for sde, tt in cases]
+    everything = lambda x, a, v, node_feat, *rest: torch.arange(node_feat.shape[0])  # noqa: E731
+    monkeypatch.setattr(toy, "_panels_needed", everything)
+    for (sde, tt), (lp, s) in zip(cases, pruned):
+        full_lp, full_s = d.perturbed_log_prob(x, tt, sde), d.perturbed_score(x, tt, sde)
+        # dropped mass < 1e-16 relative by construction; the rest is summation-order round-off
+        torch.testing.assert_close(lp, full_lp, rtol=0, atol=1e-12)
+        torch.testing.assert_close(s, full_s, rtol=1e-10, atol=1e-9)
+
+
+def test_panel_pruning_threshold_matters(monkeypatch):
+    """The check above can fail: pruning at 1 nat instead of 45, point by point, visibly changes log p."""
+    import fpe_lab.data.toy as toy
+
+    d = toy_distribution("moons")
+    x = d.sample(100, _seeded(17))
+    full = d.log_prob(x)
+    monkeypatch.setattr(toy, "_PRUNE_NATS", 1.0)
+    monkeypatch.setattr(toy, "_PRUNE_CHUNK", 1)  # one point per chunk: panels kept for that point only
+    assert (d.log_prob(x) - full).abs().max() > 1e-6
+
+
 # ------------------------------------------------------------------------------------------ sampling
 @pytest.mark.parametrize("name", TOY_NAMES)
 def test_sampling_is_deterministic_for_a_seed(name):
