@@ -170,11 +170,7 @@ def rank_seed(seed: int, env: DistEnv) -> int:
     return seed + 1_000_000_007 * env.rank
 
 
-class _OnlyMain(logging.Filter):
-    def __init__(self, rank: int) -> None:
-        super().__init__()
-        self.rank = rank
-
+class _WarningsOnly(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING
 
@@ -185,5 +181,5 @@ def quiet_other_ranks(env: DistEnv) -> None:
         return
     root = logging.getLogger()
     for handler in root.handlers:
-        handler.addFilter(_OnlyMain(env.rank))
+        handler.addFilter(_WarningsOnly())
         handler.setFormatter(logging.Formatter(f"[rank {env.rank}] %(message)s"))
