@@ -13,7 +13,9 @@ Variants, side by side in one run on the same points and weights:
 
 The network is randomly initialised with a fixed seed (its NFE is typical of an untrained, rough
 field; a trained one is smoother). Per variant: wall time, NFE (score evaluations on the whole batch),
-ms per NFE, and wall time relative to ``exact-f32``.
+ms per NFE, and wall time relative to ``exact-f32``. Full solves run one after another, so on a shared
+machine their ratios drift with the load; a second table times one right-hand-side evaluation of each
+variant round-robin (median of 5 repeats), which is robust to that.
 
     python benchmarks/bench_likelihood.py             # 10,000 points
     python benchmarks/bench_likelihood.py --quick     # 200 points at tol 1e-4: checks that it runs
@@ -27,13 +29,14 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from fpe_lab.fpe import Hutchinson
+from fpe_lab.fpe import ExactDivergence, Hutchinson
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.likelihood import pf_ode_nll
 from fpe_lab.model import ScoreModel
@@ -89,6 +92,48 @@ def run(n_points: int, rtol: float, atol: float, eps: float, seed: int) -> list[
     return rows
 
 
+def rhs_cost(n_points: int, seed: int, repeats: int = 5) -> list[dict]:
+    """Cost of one right-hand-side evaluation (score + divergence on all points), round-robin.
+
+    Full solves take minutes each, so load on a shared machine drifts between variants; here every
+    repeat times each variant once in turn and the ratio is the median over repeats of
+    (variant time / exact-f32 time in the same repeat).
+    """
+    from fpe_lab.likelihood import _freeze
+
+    sde = VPSDE()
+    torch.manual_seed(seed)
+    net32 = ScoreModel(TimeMLP(dim=2, width=128, depth=3), sde).eval()
+    net64 = ScoreModel(TimeMLP(dim=2, width=128, depth=3), sde).double().eval()
+    net64.load_state_dict(net32.state_dict())
+    x = _mixture().sample(n_points, torch.Generator().manual_seed(seed))
+    chunk = min(1000, n_points)
+
+    def one(net, xs, divergence):
+        for c in xs.split(chunk if divergence == "chunked" else xs.shape[0]):
+            xx = c.detach().requires_grad_(True)
+            div = _freeze(Hutchinson() if divergence == "hutchinson" else ExactDivergence(), xx)
+            div(net(xx, torch.full((c.shape[0],), 0.5, dtype=c.dtype)), xx)
+
+    variants = {
+        "exact-f32": lambda: one(net32, x.float(), "exact"),
+        "exact-f64": lambda: one(net64, x, "exact"),
+        "hutchinson-f32": lambda: one(net32, x.float(), "hutchinson"),
+        "exact-f32-chunked": lambda: one(net32, x.float(), "chunked"),
+    }
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    base = times["exact-f32"]
+    return [{"variant": k, "ms_per_eval": 1e3 * statistics.median(v),
+             "ratio_vs_exact_f32": statistics.median(a / b for a, b in zip(v, base))} for k, v in times.items()]
+
+
 def _write_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -119,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['variant']:<20}{r['wall_s']:>9.2f}{r['nfe']:>7d}{r['ms_per_nfe']:>9.2f}"
               f"{r['time_vs_exact_f32']:>13.2f}{r['nats']:>11.4f}")
+    cost = rhs_cost(n, args.seed)
+    print(f"one right-hand side (score + divergence of {n} points), median of 5 round-robin repeats:")
+    print(f"{'variant':<20}{'ms/eval':>9}{'x exact-f32':>13}")
+    for r in cost:
+        print(f"{r['variant']:<20}{r['ms_per_eval']:>9.2f}{r['ratio_vs_exact_f32']:>13.2f}")
     mix_row = rows[-1]
     print(f"mixture-exact: max |NLL − closed form| = {mix_row['max_err_vs_closed_form']:.3g} nats "
           "(prior mismatch + RMS-controlled ODE error)")
     if args.out is not None:
-        _write_atomic(args.out, rows)
+        _write_atomic(args.out, {"solves": rows, "rhs_cost": cost})
     return 0
 
 
