@@ -24,6 +24,7 @@ is exact (D reverse passes, for low D) or a Hutchinson estimate (one pass per pr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +41,8 @@ __all__ = [
     "ExactDivergence",
     "Hutchinson",
     "Probe",
+    "ForwardModeDt",
+    "FiniteDifferenceDt",
     "ScoreFPETerms",
     "score_fpe_terms",
     "score_fpe_residual",
@@ -137,10 +140,65 @@ def _check_score(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _score_and_dt(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """s(x, t) and ∂_t s(x, t) from one forward-mode JVP in t (tangent 1 for every sample)."""
-    s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
-    return _check_score(s, x), dt_s
+class ForwardModeDt:
+    """∂_t s by one forward-mode JVP in t with tangent 1 per sample: exact, about one extra forward."""
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s(x, t), ∂_t s(x, t)), each of the shape of x."""
+        s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
+        return _check_score(s, x), dt_s
+
+    def __repr__(self) -> str:
+        return "ForwardModeDt()"
+
+
+@contextlib.contextmanager
+def _eval_mode(score_fn: ScoreFn):
+    """Put ``score_fn`` (when it is an nn.Module) in eval mode, restoring every submodule's flag after."""
+    if not isinstance(score_fn, torch.nn.Module):
+        yield
+        return
+    flags = [(m, m.training) for m in score_fn.modules()]
+    score_fn.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@dataclass(frozen=True)
+class FiniteDifferenceDt:
+    """∂_t s ≈ (s(x, t₊) − s(x, t₋)) / (t₊ − t₋),  t± = clip(t ± h, eps, 1).
+
+    Central (O(h²)) where t ± h lies in [eps, 1]; near the ends the stencil is clipped, never
+    stepping below eps (the paper's code steps to t − 1e-3 < 0 and gets NaN for VP) — there it is
+    O(h). The two extra evaluations run with ``score_fn`` in eval mode when it is an ``nn.Module``,
+    so dropout noise is not divided by h (pass the module itself, not a lambda around it).
+    The first evaluation s(x, t), which the rest of the residual uses, keeps the caller's mode.
+    """
+
+    h: float = 1e-3
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.h, (int, float)) and 0 < self.h < 0.5):
+            raise ValueError(f"h must be a step in (0, 0.5); got {self.h!r}")
+        if not (isinstance(self.eps, (int, float)) and 0 <= self.eps < 1):
+            raise ValueError(f"eps must lie in [0, 1); got {self.eps!r}")
+
+    def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s(x, t), finite-difference ∂_t s), each of the shape of x."""
+        s = _check_score(score_fn(x, t), x)
+        t0 = t.detach()
+        lo = torch.minimum(torch.clamp(t0 - self.h, min=self.eps), t0)
+        hi = torch.maximum(torch.clamp(t0 + self.h, max=1.0), t0)
+        with _eval_mode(score_fn):
+            dt_s = (score_fn(x, hi) - score_fn(x, lo)) / append_dims(hi - lo, x.ndim)
+        return s, dt_s
+
+
+TimeDerivative = Callable[[ScoreFn, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _div_drift(sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -193,16 +251,18 @@ def score_fpe_terms(
     t: torch.Tensor | float,
     divergence: DivergenceEstimator | None = None,
     create_graph: bool = False,
+    time_derivative: TimeDerivative | None = None,
 ) -> ScoreFPETerms:
     """Each term of the score FPE of ``score_fn`` at x of shape (b, *dims), t of shape (b,) or scalar.
 
     Args:
         divergence: ``ExactDivergence()`` (default) or ``Hutchinson(n_probes, probe)``.
         create_graph: keep the graph so the terms can be differentiated again (e.g. by parameters).
+        time_derivative: ``ForwardModeDt()`` (default, exact) or ``FiniteDifferenceDt(h, eps)``.
     """
     divergence = divergence or ExactDivergence()
     x, t = _leaves(x, t)
-    s, dt_s = _score_and_dt(score_fn, x, t)
+    s, dt_s = (time_derivative or ForwardModeDt())(score_fn, x, t)
     div_s = divergence(s, x)
     f = sde.drift(x, t)
     div_f = _div_drift(sde, x, t)
@@ -228,15 +288,17 @@ def score_fpe_residual(
     t: torch.Tensor | float,
     divergence: DivergenceEstimator | None = None,
     create_graph: bool = False,
+    time_derivative: TimeDerivative | None = None,
 ) -> torch.Tensor:
     """R = ∂_t s − ∇_x[½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f], shape of x (b, *dims).
 
     Cheaper than :func:`score_fpe_terms`: the bracket is one per-sample scalar φ(x, t), so ∇_x φ
     takes one reverse pass. Pass ``create_graph=True`` to train through R (the regularizer).
+    ``divergence`` and ``time_derivative`` as in :func:`score_fpe_terms`.
     """
     divergence = divergence or ExactDivergence()
     x, t = _leaves(x, t)
-    s, dt_s = _score_and_dt(score_fn, x, t)
+    s, dt_s = (time_derivative or ForwardModeDt())(score_fn, x, t)
     flat = s.reshape(s.shape[0], -1)
     g2 = sde.diffusion(t) ** 2
     f_dot_s = (sde.drift(x, t).reshape(s.shape[0], -1) * flat).sum(-1)
