@@ -62,8 +62,8 @@ def per_time_figure(runs: Sequence[Run], panels: Sequence[tuple[str, str]], out:
             ax.set_ylabel(ylabel)
         axes[0, 0].legend(loc="best")
         cfg = runs[0].config
-        fig.suptitle(f"{title} — {cfg.data.value}, {cfg.sde.value.upper()} SDE; "
-                     "line: geometric mean over seeds, band: ×/÷ geometric std")
+        fig.suptitle(f"{title} vs t, {cfg.data.value}, {cfg.sde.value.upper()} SDE "
+                     "(geometric mean over seeds; band: ×/÷ geometric std)")
         paths = save_figure(fig, out, stem)
     paths.append(write_csv(out, stem, ["metric", "lam", "t", "n_seeds", "geo_mean", "band_lo", "band_hi"], rows))
     return paths

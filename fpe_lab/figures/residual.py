@@ -24,5 +24,5 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     return per_time_figure(
         runs,
         [("fpe_residual", r"residual $E\,\|R_\theta\|^2$  (length$^{-2}$ time$^{-2}$)"),
-         ("fpe_residual_rel", r"relative residual $E\|R_\theta\|^2 / E[\mathrm{terms}^2]$")],
+         ("fpe_residual_rel", "relative residual\n" r"$E\|R_\theta\|^2 / E[\mathrm{terms}^2]$")],
         out, STEM, "Score-FPE residual")

@@ -23,5 +23,5 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     return per_time_figure(
         runs,
         [("score_error", r"score error $E\,\|s_\theta - \nabla\log p_t\|^2$  (length$^{-2}$)"),
-         ("score_error_rel", r"relative error $E\|s_\theta - \nabla\log p_t\|^2 / E\|\nabla\log p_t\|^2$")],
+         ("score_error_rel", "relative score error\n" r"$E\|s_\theta - \nabla\log p_t\|^2 / E\|\nabla\log p_t\|^2$")],
         out, STEM, "Score error")

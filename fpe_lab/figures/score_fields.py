@@ -1,6 +1,6 @@
 r"""Figure: learned vs true score fields at a few t, and the error field.
 
-Columns are times. Top row: the true log p_t (colour) with the directions of the true score
+Columns are times. Top row: the true log p_t relative to its maximum (colour) with the directions of the true score
 ∇log p_t (arrows). Rows 2–3: DSM and DSM+FPE (one seed each): arrows are the learned score's
 directions, colour is the error in noise-prediction units σ(t)·|s_θ − ∇log p_t| (comparable across
 t, since the score grows like 1/σ), on one shared log colour scale. White contours: p_t at 10⁻² and
@@ -75,12 +75,13 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         import matplotlib.pyplot as plt
 
         nt = len(times)
-        fig, axes = plt.subplots(3, nt, figsize=(FULL_WIDTH, 2.05 * 3 + 0.5), squeeze=False)
+        fig, axes = plt.subplots(3, nt, figsize=(FULL_WIDTH, 6.6), squeeze=False)
         for j, (t, grid, s_true, log_p, errs) in enumerate(panels):
             p_rel = grid.image(np.exp(log_p - log_p.max()))
             ax = axes[0, j]
-            im_p = ax.imshow(grid.image(log_p), origin="lower", extent=grid.extent, cmap=DENSITY_CMAP,
-                             vmin=log_p.max() - 12, vmax=log_p.max(), aspect="equal")
+            # log p_t relative to its maximum: one colour scale for every t (p_t spreads out with t)
+            im_p = ax.imshow(grid.image(log_p - log_p.max()), origin="lower", extent=grid.extent, cmap=DENSITY_CMAP,
+                             vmin=-12, vmax=0, aspect="equal")
             _arrows(ax, grid, s_true, "white")
             ax.set_title(f"t = {t:g}")
             for i, v in enumerate(Variant, start=1):
@@ -94,13 +95,13 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
                 axes[i, j].set_xlabel("$x_1$")
                 axes[i, j].set_ylabel("$x_2$")
                 axes[i, j].tick_params(labelsize=6)
-            fig.colorbar(im_p, ax=axes[0, j], shrink=0.8, label=r"$\log p_t$ (true)")
         for i, v in enumerate(Variant, start=1):
             axes[i, 0].annotate(v.value, xy=(0, 0.5), xycoords="axes fraction", xytext=(-38, 0),
                                 textcoords="offset points", rotation=90, va="center", ha="center",
                                 color=v.color, fontweight="bold")
         axes[0, 0].annotate("truth", xy=(0, 0.5), xycoords="axes fraction", xytext=(-38, 0),
                             textcoords="offset points", rotation=90, va="center", ha="center", fontweight="bold")
+        fig.colorbar(im_p, ax=axes[0, :], shrink=0.9, label=r"$\log p_t - \max\log p_t$ (true)")
         fig.colorbar(im_e, ax=axes[1:, :], shrink=0.6,
                      label=r"$\sigma(t)\,|s_\theta - \nabla\log p_t|$ (ε-prediction error)")
         cfg = ref.config

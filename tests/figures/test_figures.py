@@ -155,7 +155,10 @@ def test_failure_mid_way_writes_nothing(tiny_runs, tmp_path, monkeypatch, capsys
 
 
 def test_bad_options(tiny_runs, tmp_path, capsys):
-    msg = _fails([str(tiny_runs[0]), "--field-times", "0", "--out", str(tmp_path)], capsys)
-    assert "(0, 1]" in msg
+    with pytest.raises(SystemExit) as e:  # argparse-level: one line, exit code 2
+        main([str(tiny_runs[0]), "--field-times", "0", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "(0, 1]" in err and len(err.strip().splitlines()) == 1
     msg = _fails([str(tiny_runs[0]), "--solver-grids", "16", "32", "--out", str(tmp_path)] , capsys)
     assert "solver_grids" in msg

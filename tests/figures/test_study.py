@@ -26,11 +26,14 @@ def test_grid_is_complete_and_second_call_skips(tiny_runs, tmp_path):
     plan = StudyPlan(base=tiny_config(), lams=(0.0, 0.1), seeds=(0, 1))
     again = run_study(plan, tiny_runs[0].parent, counting, run_dir_name, progress=False)
     assert again == tiny_runs and calls == []  # everything finished: nothing retrained
-    # 2×1 grid in a fresh folder where one run is finished already: only the other one runs
+    # 2×1 grid in a fresh folder: λ = 0 finished, λ = 0.1 interrupted (config, no metrics): only the latter runs
     small = StudyPlan(base=tiny_config(), lams=(0.0, 0.1), seeds=(0,))
     make_run_folder(small.configs()[0], tmp_path)
+    interrupted = tmp_path / run_dir_name(small.configs()[1])
+    interrupted.mkdir()
+    (interrupted / "config.json").write_text(json.dumps(small.configs()[1].to_dict()))
     run_study(small, tmp_path, counting, run_dir_name, progress=False)
-    assert [c.lam for c in calls] == [0.1]
+    assert [c.lam for c in calls] == [0.1] and (interrupted / "metrics.json").is_file()
 
 
 def test_summary_mean_and_std(tiny_runs, tmp_path):
