@@ -94,7 +94,10 @@ class Toy2dConfig:
     """One 2-D training run: data, SDE, loss, network, optimisation and evaluation settings.
 
     The defaults are the ``toy2d`` preset, sized so that ``python -m fpe_lab.run toy2d`` trains and
-    evaluates in about three minutes on 2 CPU cores.
+    evaluates within three minutes on 2 CPU cores: measured 70 s of CPU time for ``--reg fpe`` (jet
+    residual, one thread) and 30 s for ``--reg none``, train + evaluation (`/usr/bin/time`, 2-core
+    machine shared with other jobs, so wall time there was longer). At these settings the
+    regularizer halves the time-averaged relative residual (0.23 → 0.14, gmm/VP, seed 0).
     """
 
     # data and SDE
