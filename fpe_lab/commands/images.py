@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from fpe_lab.commands import CLIError
 from fpe_lab.commands.toy2d import _one_line_errors, _ranged
 from fpe_lab.config import DeviceChoice, Regularizer, SDEKind, build_sde, resolve_device
 from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
-from fpe_lab.fpe import Hutchinson, Probe, score_fpe_residual
+from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, Probe, score_fpe_residual
 from fpe_lab.losses import DSMWeighting, FPEPoints, FPERegularizer, FPEWeighting, LossTerms, ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.unet import UNet, UNetConfig, UNetSize
@@ -50,6 +51,20 @@ __all__ = ["ImageData", "ImageConfig", "add_parser", "run_images", "run_dir_name
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
+
+
+class TimeDerivativeKind(enum.Enum):
+    """How ∂_t s inside the residual is computed (``fpe_lab.fpe``)."""
+
+    JVP = "jvp"  # forward-mode JVP in t: exact (default)
+    FD = "fd"  # central difference clipped to [eps, 1], extra evaluations without dropout
+
+    def build(self, step: float, eps: float):
+        match self:
+            case TimeDerivativeKind.JVP:
+                return ForwardModeDt()
+            case TimeDerivativeKind.FD:
+                return FiniteDifferenceDt(h=step, eps=eps)
 
 
 class ImageData(enum.Enum):
@@ -73,6 +88,8 @@ class ImageConfig:
     fpe_batch: int | None = None
     probes: int = 1
     probe: Probe = Probe.RADEMACHER
+    dt: TimeDerivativeKind = TimeDerivativeKind.JVP
+    fd_step: float = 1e-3  # h of the finite-difference ∂_t s (only with dt = fd)
     eps: float = 1e-5
     steps: int = 1000
     batch: int = 64  # global batch (split over ranks)
@@ -102,7 +119,8 @@ class ImageConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        for name, lo, hi in (("lam", 0.0, math.inf), ("eps", 0.0, 0.5), ("lr", 0.0, 10.0), ("eval_rtol", 0.0, 1.0)):
+        for name, lo, hi in (("lam", 0.0, math.inf), ("eps", 0.0, 0.5), ("lr", 0.0, 10.0), ("eval_rtol", 0.0, 1.0),
+                             ("fd_step", 0.0, 0.5)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi) or (name != "lam" and v == 0):
                 raise ValueError(f"{name} must be a finite number in {'[' if name == 'lam' else '('}{lo:g}, {hi:g}]; got {v!r}")
@@ -210,10 +228,11 @@ def _init_from(model: ScoreModel, path_text: str, config: ImageConfig) -> None:
     log.info("initialised from %s", path)
 
 
-def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False):
+def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False, time_derivative=None):
     """score_fpe_residual with autocast disabled: derivatives of the score in fp32."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence, create_graph=create_graph)
+        return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence,
+                                  create_graph=create_graph, time_derivative=time_derivative)
 
 
 def build_image_loss(config: ImageConfig, sde) -> ScoreFPELoss:
@@ -224,7 +243,8 @@ def build_image_loss(config: ImageConfig, sde) -> ScoreFPELoss:
             reg = FPERegularizer(
                 lam=config.lam / config.dim if config.per_dim else config.lam,
                 weighting=config.fpe_weighting, points=FPEPoints.PERTURBED, n_points=config.fpe_batch,
-                divergence=Hutchinson(config.probes, config.probe), residual=_fp32_residual,
+                divergence=Hutchinson(config.probes, config.probe),
+                residual=functools.partial(_fp32_residual, time_derivative=config.dt.build(config.fd_step, config.eps)),
             )
     return ScoreFPELoss(sde=sde, eps=config.eps, weighting=DSMWeighting.SIGMA2, regularizer=reg)
 
@@ -370,6 +390,11 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
     p.add_argument("--steps", type=_ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
     p.add_argument("--batch", type=_ranged(int, 1, 10**6), default=d.batch, help="global batch size")
     p.add_argument("--probes", type=_ranged(int, 1, 1024), default=d.probes, help="Hutchinson probes per sample")
+    p.add_argument("--dt", choices=[k.value for k in TimeDerivativeKind], default=d.dt.value,
+                   help="∂_t s in the residual: jvp (forward mode, exact) or fd (central difference clipped to "
+                   "[eps, 1], extra evaluations with dropout off)")
+    p.add_argument("--fd-step", type=_ranged(float, 0.0, 0.5, lo_open=True), default=d.fd_step,
+                   help="h of the finite-difference ∂_t s (with --dt fd)")
     p.add_argument("--fpe-weighting", choices=[w.value for w in FPEWeighting], default=d.fpe_weighting.value,
                    help="w(t) of the FPE term: normalized = sigma⁶/g⁴, g2 = g² (the paper's code), one")
     p.add_argument("--per-dim", action=argparse.BooleanOptionalAction, default=d.per_dim,
@@ -427,7 +452,7 @@ def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]
         return ImageConfig(
             data=data, data_dir=str(args.data_dir) if data is ImageData.CIFAR10 else None, image_shape=image_shape,
             model=UNetSize(args.model), sde=SDEKind(args.sde), reg=Regularizer(args.reg), lam=float(args.lam),
-            probes=int(args.probes), fpe_weighting=FPEWeighting(args.fpe_weighting), per_dim=bool(args.per_dim),
+            probes=int(args.probes), dt=TimeDerivativeKind(args.dt), fd_step=float(args.fd_step), fpe_weighting=FPEWeighting(args.fpe_weighting), per_dim=bool(args.per_dim),
             eps=float(args.eps), steps=int(args.steps), batch=int(args.batch), lr=float(args.lr),
             seed=int(args.seed), ckpt_every=int(args.ckpt_every), hflip=data is ImageData.CIFAR10,
             bf16=bool(args.bf16), device=DeviceChoice(args.device),

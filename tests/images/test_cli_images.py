@@ -167,15 +167,17 @@ def test_nan_loss_exits_2_and_keeps_last_good_checkpoint(cifar, tmp_path, capsys
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.parametrize("dt", ["jvp", "fd"])
 @pytest.mark.parametrize("sde", ["ve", "vp", "subvp"])
-def test_image_loss_all_sdes_finite_near_eps(sde):
+def test_image_loss_all_sdes_finite_near_eps(sde, dt):
     """The cifar10 command's loss (DSM + Hutchinson FPE) is finite, with finite gradients, for every SDE at
-    t = eps (the paper's code crashes for VE/sub-VP and gives NaN below t = 1e-3)."""
-    from fpe_lab.commands.images import ImageConfig, build_image_loss, build_image_model
+    t = eps (the paper's code crashes for VE/sub-VP and gives NaN below t = 1e-3), with ∂_t s by JVP and by
+    the clipped finite difference (--dt fd)."""
+    from fpe_lab.commands.images import ImageConfig, TimeDerivativeKind, build_image_loss, build_image_model
     from fpe_lab.config import SDEKind, build_sde
     from fpe_lab.losses import dsm_loss
 
-    config = ImageConfig(image_shape=(1, 8, 8), sde=SDEKind(sde), eps=1e-5, probes=2)
+    config = ImageConfig(image_shape=(1, 8, 8), sde=SDEKind(sde), eps=1e-5, probes=2, dt=TimeDerivativeKind(dt))
     sde_obj = build_sde(config.sde)
     model = build_image_model(config, sde_obj)
     loss = build_image_loss(config, sde_obj)
