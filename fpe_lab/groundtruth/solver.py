@@ -15,7 +15,12 @@ at the requested times. The scheme is chosen by what the SDE allows (:class:`Met
   mass-conserving and positive (:mod:`~fpe_lab.groundtruth.finite_volume`);
 * ``SEPARABLE`` — linear SDEs whose generator is c(t)·L₀ (VE, VP): the same SG discretisation,
   propagated exactly by one dense matrix exponential per axis (:mod:`~fpe_lab.groundtruth.propagator`);
-  fast, but accurate only where p ≳ 1e-13·max.
+  fast, but accurate only where p ≳ 1e-13·max;
+* ``LOG_DENSITY`` — anything with ``drift``/``diffusion``: u = log p from
+  ∂_t u = −∇·f − f·∇u + ½g²(Δu + |∇u|²), central differences (exact on Gaussian tails, quadratic ghost
+  cells at the walls) and linearly implicit ADI steps with Richardson extrapolation, 2nd order in space
+  and time; the score error is about uniform down to p ≈ 1e-60·max (:mod:`~fpe_lab.groundtruth.log_density`).
+  Not conservative (normalised at output) and it needs a positive, resolved p0 (or its exact ``log_p0``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import warnings
 
 import numpy as np
+from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
@@ -37,6 +43,7 @@ from fpe_lab.groundtruth.diagnostics import (
 )
 from fpe_lab.groundtruth.finite_volume import solve_density
 from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.groundtruth.log_density import initial_log_density, solve_log_density
 from fpe_lab.groundtruth.propagator import propagate_separable
 from fpe_lab.groundtruth.solution import Solution
 
@@ -52,6 +59,7 @@ class Method(enum.Enum):
     CONVOLUTION = "convolution"
     FINITE_VOLUME = "finite_volume"
     SEPARABLE = "separable"  # time-changed exact separable propagator (VE, VP: generator c(t)·L0)
+    LOG_DENSITY = "log_density"  # u = log p by linearly implicit ADI: flat score error into the far tails
 
 
 def _has_gaussian_transition(sde) -> bool:
@@ -97,6 +105,20 @@ def _check_p0(p0, grid: Grid) -> np.ndarray:
     return p / grid.integrate(p)
 
 
+def _check_log_p0(log_p0, grid: Grid) -> np.ndarray:
+    try:
+        u = np.array(log_p0, dtype=np.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"log_p0 must be an array of numbers of shape {grid.shape}; got {type(log_p0).__name__}") from None
+    if u.shape != grid.shape:
+        raise ValueError(f"log_p0 must have shape grid.shape = {grid.shape}; got {u.shape}")
+    if not np.all(np.isfinite(u)):
+        raise ValueError(
+            f"log_p0 must be finite (log of a positive density); got {np.count_nonzero(~np.isfinite(u))} non-finite values"
+        )
+    return u - (logsumexp(u) + np.log(grid.cell_volume))
+
+
 def fd_score(log_p: np.ndarray, grid: Grid) -> np.ndarray:
     """∇ log p by second-order central differences (one-sided at the walls); shape (*grid.shape, D)."""
     with np.errstate(invalid="ignore"):
@@ -121,6 +143,7 @@ def solve_fokker_planck(
     n_steps: int = 200,
     wall_tol: float = WALL_TOL,
     progress: bool = True,
+    log_p0=None,
 ) -> Solution:
     r"""p_t, log p_t and ∇ log p_t of the FPE ∂_t p = −∇·(f p) + ½g²Δp at ``times``.
 
@@ -130,6 +153,7 @@ def solve_fokker_planck(
             (alpha, sigma) (a linear SDE such as VESDE/VPSDE/SubVPSDE) is solved exactly by default.
         p0: nonnegative array of shape ``grid.shape``, the initial density at the cell centres
             (normalised internally); it should vanish towards the walls.
+            Pass ``p0=None`` together with ``log_p0`` to start from a log-density instead.
         grid: the 1D/2D :class:`Grid`.
         times: increasing times in [0, 1] (t = 0 returns p0 and its finite-difference score).
 
@@ -139,6 +163,9 @@ def solve_fokker_planck(
         n_steps: about how many time steps the finite-volume solver takes to ``times[-1]`` (>= 1).
         wall_tol: a :class:`BoundaryWarning` is raised when p/max on the wall cells exceeds this.
         progress: show a tqdm progress bar.
+        log_p0: finite array of shape ``grid.shape``, log p0 up to a constant (instead of p0). Use it when
+            p0 underflows in the tails (e.g. log_prob of a mixture): ``LOG_DENSITY`` then starts from the
+            exact tails; the other methods use exp(log_p0).
 
     Returns:
         :class:`Solution` with ``density``/``log_density`` of shape (T, *grid.shape) and ``score`` of
@@ -150,6 +177,10 @@ def solve_fokker_planck(
     "young" tails (little added variance compared with the distance from the data: VE or any SDE at
     small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
     exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth (issue 3)").
+    LOG_DENSITY solves for log p instead: second order with an about uniform score error from the modes
+    down to p ≈ 1e-60·max (1D and 2D, VE/VP/sub-VP, tests/groundtruth/test_gt_log_density.py), but it
+    needs p0 > 0: cells below 1e-100·max are raised to that floor with a ResolutionWarning, and a p0
+    with jumps to zero (checkerboard) is too steep for it (RuntimeError; use FINITE_VOLUME or CONVOLUTION).
 
     Warns:
         BoundaryWarning: mass reaches the walls. ResolutionWarning: p0 or the kernel is not resolved,
@@ -159,7 +190,13 @@ def solve_fokker_planck(
         raise ValueError(f"grid must be a fpe_lab.groundtruth.Grid; got {type(grid).__name__}")
     _check_sde(sde)
     t = _check_times(times)
-    p = _check_p0(p0, grid)
+    if (p0 is None) == (log_p0 is None):
+        raise ValueError("give exactly one of p0 and log_p0 (pass p0=None to start from log_p0)")
+    if log_p0 is not None:
+        u0 = _check_log_p0(log_p0, grid)
+        p = np.exp(u0)
+    else:
+        p = _check_p0(p0, grid)
     if not isinstance(method, Method):
         raise ValueError(f"method must be a Method ({', '.join(m.name for m in Method)}); got {method!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
@@ -187,9 +224,16 @@ def solve_fokker_planck(
             log_p[:], score[:] = _from_density(solve_density(sde, p, grid, t, int(n_steps), progress=progress)[0], grid)
         case Method.SEPARABLE:
             log_p[:], score[:] = _from_density(propagate_separable(sde, p, grid, t), grid)
+        case Method.LOG_DENSITY:
+            if log_p0 is None:
+                u0 = initial_log_density(p)
+            log_p[:], score[:] = solve_log_density(sde, u0, grid, t, int(n_steps), progress=progress)
     for i in np.flatnonzero(t == 0):
-        with np.errstate(divide="ignore"):
-            log_p[i] = np.log(p)
+        if log_p0 is not None:
+            log_p[i] = u0
+        else:
+            with np.errstate(divide="ignore"):
+                log_p[i] = np.log(p)
         score[i] = fd_score(log_p[i], grid)
 
     check_walls(grid, np.exp(log_p), t, wall_tol)

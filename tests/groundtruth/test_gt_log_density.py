@@ -1,0 +1,176 @@
+"""The log-density (u = log p) solver: flat score error into the far tails, observed orders, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fpe_lab.gmm import GaussianMixture
+from fpe_lab.groundtruth import Grid, Method, ResolutionWarning, solve_fokker_planck
+from fpe_lab.groundtruth.log_density import central_gradient
+from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
+from test_gt_finite_volume import MovingMixtureSDE, fitted_order
+
+LD = Method.LOG_DENSITY
+DEEP = (1e-3, 1e-6, 1e-10, 1e-12, 1e-30, 1e-60)
+SDES = [VESDE(), VPSDE(), SubVPSDE()]
+
+
+def solve_mixture(sde, gm, grid, times, n_steps):
+    """Solve from the exact log p0 (p0 itself underflows in the far tails) and return the solution."""
+    return solve_fokker_planck(sde, None, grid, times, method=LD, n_steps=n_steps, progress=False,
+                               log_p0=on_grid(gm.log_prob, grid))
+
+
+def bands_at(sol, i, gm, sde, t, levels=DEEP):
+    lp = on_grid(lambda x: gm.log_prob(x, t, sde), sol.grid)
+    return score_error_bands(sol.score[i], on_grid(lambda x: gm.score(x, t, sde), sol.grid), lp, levels)
+
+
+def test_central_gradient_exact_on_quadratics():
+    """The quadratic ghost cells make D1 exact on quadratics up to the walls (Gaussian tails)."""
+    grid = Grid(((-3.0, 5.0), (-2.0, 2.0)), (16, 12))
+    x, y = grid.coords[..., 0], grid.coords[..., 1]
+    u = -0.7 * x**2 + 0.3 * x * y - 1.1 * y**2 + 0.4 * x - 2.0
+    exact = np.stack([-1.4 * x + 0.3 * y + 0.4, 0.3 * x - 2.2 * y], -1)
+    np.testing.assert_allclose(central_gradient(u, grid), exact, rtol=0, atol=1e-12)  # float64 round-off
+    cubic = u + 0.1 * x**3  # can fail: not exact on a cubic
+    assert np.abs(central_gradient(cubic, grid) - exact - np.stack([0.3 * x**2, 0 * y], -1)).max() > 1e-3
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_log_density_flat_tails_1d(sde):
+    """Exact mixture scores in 1D: the score error where p ≥ 1e-60·max is within 3× of that near the modes,
+    including VE at t = 0.3 (young tails, where the density-form solvers lose 10×–1000×)."""
+    gm, grid, times = mixture_1d(), Grid(((-8.0, 8.0),), (256,)), [0.3, 0.5]
+    sol = solve_mixture(sde, gm, grid, times, 200)
+    for i, t in enumerate(times):
+        bands = bands_at(sol, i, gm, sde, t)
+        # O(h²) with h = 1/16 against widths 0.4 .. 0.5: measured 1.4e-3 .. 7.8e-2 (VE at t = 0.3)
+        assert bands[1e-3] < 0.1, bands
+        # Flat: central differences are exact on the quadratic tails of u; measured ratio ≤ 1.3
+        assert bands[1e-60] < 3 * bands[1e-3], bands
+        assert np.exp(sol.log_density[i]).min() > 0
+        assert abs(grid.integrate(sol.density[i]) - 1) < 1e-12  # normalised at output (round-off)
+    wrong = on_grid(lambda x: gm.score(x, 0.3, sde), grid)  # can fail: another time's score is O(0.1) off
+    lp = on_grid(lambda x: gm.log_prob(x, 0.5, sde), grid)
+    assert score_error_bands(sol.score[1], wrong, lp)[1e-3] > 0.1
+
+
+@pytest.mark.analytic
+def test_log_density_space_order_in_tails_1d_ve():
+    """Observed order over 3 resolutions, measured in the far tails (p ≥ 1e-30·max), VE at t = 0.3."""
+    gm, sde, t = mixture_1d(), VESDE(), 0.3
+    hs, errs = [], []
+    for n in (128, 256, 512):
+        sol = solve_mixture(sde, gm, Grid(((-8.0, 8.0),), (n,)), [t], 200)
+        hs.append(16 / n)
+        errs.append(bands_at(sol, 0, gm, sde, t, levels=(1e-30,))[1e-30])
+    order = fitted_order(hs, errs)
+    assert 1.8 < order < 2.3, (order, errs)  # second order (measured ~2.0)
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_log_density_matches_exact_mixture_2d(sde):
+    """Non-separable correlated 2D mixture: score error in bands down to 1e-12·max, flat within 10×."""
+    gm, t = mixture_2d(), 0.5
+    # VE spreads further than VP/sub-VP: a larger box keeps the walls below WALL_TOL.
+    half = 11.0 if isinstance(sde, VESDE) else 8.0
+    grid = Grid(((-half, half),) * 2, (64, 64) if half == 8.0 else (88, 88))
+    sol = solve_mixture(sde, gm, grid, [0.2, t], 40)
+    bands = bands_at(sol, 1, gm, sde, t, levels=(1e-3, 1e-6, 1e-10, 1e-12))
+    # O(h²), h = 0.25 against widths 0.4 .. 1: measured 4.5e-3 (VP), 6.1e-3 (sub-VP), 5e-2 (VE)
+    assert bands[1e-6] < 0.1, bands
+    assert bands[1e-12] < 10 * bands[1e-3], bands  # issue-3 tail target (measured ≤ 3×)
+    wrong = on_grid(lambda x: gm.score(x, 0.2, sde), grid)  # can fail: the t = 0.2 score is O(1) off
+    lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
+    assert score_error_bands(sol.score[1], wrong, lp)[1e-3] > 0.2
+
+
+@pytest.mark.analytic
+def test_log_density_space_order_2d_vp():
+    """Observed 2D order over 3 resolutions in the band p ≥ 1e-12·max."""
+    gm, sde, t = mixture_2d(), VPSDE(), 0.5
+    hs, errs = [], []
+    for n in (32, 64, 128):
+        sol = solve_mixture(sde, gm, Grid(((-8.0, 8.0),) * 2, (n, n)), [t], 120)
+        hs.append(16 / n)
+        errs.append(bands_at(sol, 0, gm, sde, t, levels=(1e-12,))[1e-12])
+    order = fitted_order(hs, errs)
+    assert 1.8 < order < 2.4, (order, errs)  # second order (measured 2.02; 60 steps: time error shows at 128²)
+
+
+def test_log_density_manufactured_time_dependent_drift():
+    """User SDE with a nonlinear, non-separable, time-dependent drift and no div_drift (autograd path):
+    exact moving mixture, observed order in space, and order 2 in time by self-convergence."""
+    sde, t = MovingMixtureSDE(), 0.5
+    hs, errs = [], []
+    for n in (24, 48, 96):
+        grid = Grid(((-6.0, 6.0), (-6.0, 6.0)), (n, n))
+        sol = solve_fokker_planck(sde, None, grid, [t], method=LD, n_steps=40, progress=False,
+                                  log_p0=on_grid(sde.exact(0.0).log_prob, grid))
+        exact = sde.exact(t)
+        bands = score_error_bands(sol.score[0], on_grid(exact.score, grid), on_grid(exact.log_prob, grid), (1e-10,))
+        hs.append(12 / n)
+        errs.append(bands[1e-10])
+    order = fitted_order(hs, errs)
+    assert 1.7 < order < 2.5, (order, errs)  # second order in space (measured ~2)
+    grid = Grid(((-6.0, 6.0), (-6.0, 6.0)), (32, 32))
+    log_p0 = on_grid(sde.exact(0.0).log_prob, grid)
+    sols = [solve_fokker_planck(sde, None, grid, [t], method=LD, n_steps=k, progress=False, log_p0=log_p0).score[0]
+            for k in (8, 16, 32, 64)]
+    diffs = [np.abs(a - b).max() for a, b in zip(sols[:-1], sols[1:])]
+    order = fitted_order([1 / 8, 1 / 16, 1 / 32], diffs)
+    assert 1.7 < order < 2.6, (order, diffs)  # Richardson-extrapolated linearly implicit Euler: order 2
+
+
+def test_log_density_inputs():
+    grid = Grid(((-5.0, 5.0),), (32,))
+    p0 = np.exp(-0.5 * grid.coords[..., 0] ** 2)
+    with pytest.raises(ValueError, match="exactly one of p0 and log_p0"):
+        solve_fokker_planck(VPSDE(), p0, grid, [0.5], method=LD, log_p0=np.log(p0), progress=False)
+    with pytest.raises(ValueError, match="exactly one of p0 and log_p0"):
+        solve_fokker_planck(VPSDE(), None, grid, [0.5], method=LD, progress=False)
+    with pytest.raises(ValueError, match="log_p0 must be finite"):
+        solve_fokker_planck(VPSDE(), None, grid, [0.5], method=LD, log_p0=np.log(p0 * (np.arange(32) > 3)),
+                            progress=False)
+    with pytest.raises(ValueError, match=r"log_p0 must have shape grid.shape = \(32,\)"):
+        solve_fokker_planck(VPSDE(), None, grid, [0.5], method=LD, log_p0=np.zeros(31), progress=False)
+    with pytest.warns(ResolutionWarning, match="raised to 1e-100"):
+        sol = solve_fokker_planck(VPSDE(), p0 * (np.abs(grid.coords[..., 0]) < 4.6), grid, [0.5], method=LD,
+                                  n_steps=100, progress=False)
+    assert np.all(np.isfinite(sol.score)) and sol.density.min() > 0
+    # A p0 with jumps to zero (checkerboard) makes u = log p too steep for the linearised steps: the
+    # solver must fail loudly, never return NaN.
+    grid2 = Grid(((-4.0, 4.0),) * 2, (32, 32))
+    a, b = grid2.coords[..., 0], grid2.coords[..., 1]
+    board = ((np.abs(a) < 1.5) & (np.abs(b) < 1.5) & ((np.floor(a) + np.floor(b)) % 2 == 0)).astype(float)
+    with pytest.warns(ResolutionWarning), pytest.raises(RuntimeError, match="log-density solve"):
+        solve_fokker_planck(VPSDE(), board, grid2, [0.5], method=LD, n_steps=20, progress=False)
+
+    class NoDivNoGrad:
+        def drift(self, x, t):
+            return torch.from_numpy(-x.detach().numpy())  # leaves autograd: ∇·f cannot be derived
+
+        def diffusion(self, t):
+            return torch.ones_like(torch.as_tensor(t, dtype=torch.float64))
+
+    with pytest.raises(ValueError, match="div_drift"):
+        solve_fokker_planck(NoDivNoGrad(), p0, grid, [0.5], method=LD, progress=False)
+
+
+@pytest.mark.slow
+def test_log_density_benchmark_problem_256():
+    """Issue-3 benchmark problem (VP, 4 Gaussians, [−8, 8]², 256², t = 0.5): tail target and accuracy."""
+    sds = [0.2, 0.3, 0.25, 0.35]
+    gm = GaussianMixture(np.ones(4), np.array([[2, 0], [-2, 0], [0, 2], [0, -2.0]]),
+                         np.array([np.eye(2) * s * s for s in sds]), dtype=torch.float64)
+    grid, sde, t = Grid(((-8.0, 8.0), (-8.0, 8.0)), (256, 256)), VPSDE(), 0.5
+    sol = solve_mixture(sde, gm, grid, [t], 100)
+    bands = bands_at(sol, 0, gm, sde, t, levels=(1e-3, 1e-6, 1e-10, 1e-12))
+    assert bands[1e-6] < 1e-3, bands  # issue-3 accuracy target (measured 5.0e-4 at 100 steps)
+    assert bands[1e-10] < 10 * bands[1e-3], bands  # tail target (measured 1.5×)
