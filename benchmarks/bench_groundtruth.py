@@ -8,7 +8,12 @@ Rows: the exact convolution (Method.CONVOLUTION); the same SG discretisation pro
 the time change (Method.SEPARABLE); the finite-volume solver (Method.FINITE_VOLUME) at several step counts; the finite-volume solver on a non-separable, time-dependent drift (VP plus a
 rotation with angular speed omega(t) = 2 + 4t, whose exact p_t is the VP mixture rotated by
 ∫omega); fplanck 0.2.2 (PyPI, if installed: VP as one constant operator in s = B(t)/2,
-∂_s p = ∇·(x p) + Δp; NumPy 2 lacks numpy.product, aliased to numpy.prod here only).
+∂_s p = ∇·(x p) + Δp; NumPy 2 lacks numpy.product, aliased to numpy.prod here only); the log-density
+solver (Method.LOG_DENSITY, started from the exact log p0 since p0 underflows at the corners) on the VP
+problem and on the rotating VP.
+
+A second table: the tail case of the issue (1D, VE, t = 0.3, "young" tails): mixture 0.3 N(−1.5, 0.5²) +
+0.7 N(1, 0.4²), box [−8, 8], 512 cells (--quick: 256), convolution, finite volumes and log density.
 
     python benchmarks/bench_groundtruth.py [--quick] [--out PATH]
 
@@ -32,10 +37,11 @@ import torch
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, solve_fokker_planck
 from fpe_lab.groundtruth.solver import fd_score
-from fpe_lab.sde import VPSDE
+from fpe_lab.sde import VESDE, VPSDE
 
-LEVELS = (1e-3, 1e-6, 1e-10)
+LEVELS = (1e-3, 1e-6, 1e-10, 1e-12)
 SDS = (0.2, 0.3, 0.25, 0.35)
+LEVELS_1D = (1e-3, 1e-6, 1e-10, 1e-12, 1e-30, 1e-60)
 
 
 def mixture() -> GaussianMixture:
@@ -71,9 +77,9 @@ class RotatingVP:
 
 
 def errors(score: np.ndarray, exact: GaussianMixture, grid: Grid) -> list[float]:
-    x = torch.from_numpy(grid.coords.reshape(-1, 2))
+    x = torch.from_numpy(grid.coords.reshape(-1, grid.ndim))
     lp = exact.log_prob(x).numpy().reshape(grid.shape)
-    s = exact.score(x).numpy().reshape(*grid.shape, 2)
+    s = exact.score(x).numpy().reshape(*grid.shape, grid.ndim)
     err = np.abs(score - s).max(-1)
     rel = lp - lp.max()
     return [float(err[rel >= math.log(lvl)].max()) for lvl in LEVELS]
@@ -112,6 +118,33 @@ def run_fplanck(p0: np.ndarray, grid: Grid, sde: VPSDE, times):
     return rows, f"fplanck build {wall_b:.2f} s wall (included in each row)"
 
 
+def ve_tail_table(n: int) -> list[str]:
+    """The issue's tail case: 1D VE at t = 0.3, where the density-form solvers lose the young tails."""
+    gm = GaussianMixture([0.3, 0.7], [[-1.5], [1.0]], [[[0.25]], [[0.16]]], dtype=torch.float64)
+    grid, sde, t = Grid(((-8.0, 8.0),), (n,)), VESDE(), 0.3
+    x = torch.from_numpy(grid.coords.reshape(-1, 1))
+    log_p0 = gm.log_prob(x).numpy()
+    lines = [
+        "",
+        f"VE, 1D mixture 0.3 N(-1.5, 0.5^2) + 0.7 N(1, 0.4^2), box [-8, 8], {n} cells, t = {t}, 400 steps.",
+        "",
+        "| method | t | wall s | cpu s | " + " | ".join(f"err p>={lvl:g}" for lvl in LEVELS_1D) + " |",
+        "|---|---|---|---|" + "---|" * len(LEVELS_1D),
+    ]
+    print("\n".join(lines), flush=True)
+    for name, method in (("exact convolution", Method.CONVOLUTION), ("FV (SG, Richardson)", Method.FINITE_VOLUME),
+                         ("log density (u = log p, IMEX ADI)", Method.LOG_DENSITY)):
+        sol, wall, cpu = timed(lambda: solve_fokker_planck(
+            sde, None, grid, [t], method=method, n_steps=400, progress=False, log_p0=log_p0))
+        exact = gm.perturbed(sde, t)
+        lp = exact.log_prob(x).numpy()
+        err = np.abs(sol.score[0] - exact.score(x).numpy()).max(-1)
+        errs = [float(err[lp - lp.max() >= math.log(lvl)].max()) for lvl in LEVELS_1D]
+        lines.append(f"| {name} | {t:g} | {wall:.3f} | {cpu:.3f} | " + " | ".join(f"{e:.2e}" for e in errs) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64² grid and fewer step counts")
@@ -128,8 +161,8 @@ def main(argv=None) -> str:
     lines = [
         f"VP, 4 Gaussians, box [-8, 8]^2, {n}^2 cells. Score error max |s - s_exact| where p >= level*max p.",
         "",
-        "| method | t | wall s | cpu s | err p>=1e-3 | err p>=1e-6 | err p>=1e-10 |",
-        "|---|---|---|---|---|---|---|",
+        "| method | t | wall s | cpu s | " + " | ".join(f"err p>={lvl:g}" for lvl in LEVELS) + " |",
+        "|---|---|---|---|" + "---|" * len(LEVELS),
     ]
 
     def row(name, t, wall, cpu, errs):
@@ -156,12 +189,24 @@ def main(argv=None) -> str:
             lambda: solve_fokker_planck(rot, p0, grid, [t], method=Method.FINITE_VOLUME, n_steps=k, progress=False)
         )
         row(f"FV, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu, errors(sol.score[0], rot.exact(gm, t), grid))
+    log_p0 = gm.log_prob(torch.from_numpy(grid.coords.reshape(-1, 2))).numpy().reshape(grid.shape)
+    for k in steps:
+        for t in times:
+            sol, wall, cpu = timed(lambda: solve_fokker_planck(
+                sde, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k, progress=False, log_p0=log_p0))
+            row(f"log density (u = log p, IMEX ADI), {k} steps", t, wall, cpu, errors(sol.score[0], gm.perturbed(sde, t), grid))
+    for k in steps:
+        t = 0.5
+        sol, wall, cpu = timed(lambda: solve_fokker_planck(
+            rot, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k, progress=False, log_p0=log_p0))
+        row(f"log density, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu, errors(sol.score[0], rot.exact(gm, t), grid))
     rows, note = run_fplanck(p0, grid, sde, times)
     if rows is not None:
         for t, score, wall, cpu in rows:
             row("fplanck 0.2.2 (time change, expm_multiply)", t, wall, cpu, errors(score, gm.perturbed(sde, t), grid))
     lines += ["", note]
     print(note)
+    lines += ve_tail_table(256 if args.quick else 512)
     table = "\n".join(lines) + "\n"
     if args.out is not None:
         fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
