@@ -151,7 +151,12 @@ def test_failure_mid_way_writes_nothing(tiny_runs, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(tradeoff, "make", boom)  # third figure: the first two are already drawn when it fails
     out = tmp_path / "figs"
     assert "density failed" in _fails([str(d) for d in tiny_runs] + ["--out", str(out)] + FAST, capsys)
-    assert not out.exists()  # the residual/score figures drawn before the failure were not moved in
+    assert not out.exists()  # a folder the call created is removed again
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert "density failed" in _fails([str(d) for d in tiny_runs] + ["--out", str(out)] + FAST, capsys)
+    # the residual/score figures drawn before the failure were not moved in; the existing file is kept
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_bad_options(tiny_runs, tmp_path, capsys):
