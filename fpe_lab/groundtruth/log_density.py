@@ -168,23 +168,20 @@ class LogDensityScheme:
         """(I − k J_d)^{-1} r along axis d, J_d = ½g² D2 + a D1 (wall rows: one-sided outflow D1, no D2)."""
         n, h = self.grid.shape[d], self.grid.dx[d]
         rm = np.moveaxis(r, d, -1)
-        am = np.moveaxis(a, d, -1)
-        diff = 0.5 * g2 / h**2
-        # Row i of J: sub (i, i−1), diag (i, i), super (i, i+1) in line layout.
-        sub = np.broadcast_to(diff - am / (2 * h), am.shape).copy()
-        sup = np.broadcast_to(diff + am / (2 * h), am.shape).copy()
-        diag = np.full(am.shape, -2 * diff)
-        left, right = np.maximum(am[..., 0], 0.0) / h, np.minimum(am[..., -1], 0.0) / h
-        sub[..., 0], diag[..., 0], sup[..., 0] = 0.0, -left, left
-        sub[..., -1], diag[..., -1], sup[..., -1] = -right, right, 0.0
-        lines = am.reshape(-1, n)
-        dl = (-k * sub.reshape(lines.shape))[:, 1:]
-        du = (-k * sup.reshape(lines.shape))[:, :-1]
-        # Consecutive lines are independent: pad the couplings between them with zeros.
-        dl = np.concatenate([dl, np.zeros((lines.shape[0], 1))], axis=1).reshape(-1)[:-1]
-        du = np.concatenate([du, np.zeros((lines.shape[0], 1))], axis=1).reshape(-1)[:-1]
-        dd = 1.0 - k * diag.reshape(-1)
-        rhs = np.array(rm.reshape(-1, 1), order="F")
+        am = np.moveaxis(a, d, -1).reshape(-1, n)
+        c = 0.5 * g2 / h**2
+        # Entries of I − kJ per line: sub (i, i−1), diag (i, i), super (i, i+1).
+        sub = -k * (c - am * (0.5 / h))
+        sup = -2 * k * c - sub
+        diag = np.full(am.shape, 1.0 + 2 * k * c)
+        left, right = np.maximum(am[:, 0], 0.0) / h, np.minimum(am[:, -1], 0.0) / h
+        diag[:, 0], sup[:, 0] = 1.0 + k * left, -k * left
+        diag[:, -1], sub[:, -1] = 1.0 - k * right, k * right
+        # Consecutive lines are independent: zero couplings across line ends in the flat system.
+        sub[:, 0] = 0.0
+        sup[:, -1] = 0.0
+        dl, dd, du = sub.reshape(-1)[1:], diag.reshape(-1), sup.reshape(-1)[:-1]
+        rhs = rm.reshape(-1, 1).copy()
         *_, x, info = dgtsv(dl, dd, du, rhs, 1, 1, 1, 1)
         if info != 0:
             raise RuntimeError(
