@@ -242,11 +242,13 @@ def solve_log_density(
     score = np.empty((len(times), *grid.shape, grid.ndim))
     u = np.array(u0, dtype=np.float64)
     log_volume = np.log(grid.cell_volume)
+    done = 0  # steps taken (a disabled tqdm bar does not count)
     with tqdm(total=total, desc="Fokker-Planck log p", unit="step", disable=not progress, leave=False) as bar:
         for j, nodes in enumerate(schedule):
             for t0, t1 in zip(nodes[:-1], nodes[1:]):
-                step = scheme.damped_step if bar.n < DAMPED_STEPS else scheme.trapezoidal_step
+                step = scheme.damped_step if done < DAMPED_STEPS else scheme.trapezoidal_step
                 u = step(u, float(t0), float(t1 - t0))
+                done += 1
                 bar.update(1)
             if not np.all(np.isfinite(u)):
                 raise RuntimeError(

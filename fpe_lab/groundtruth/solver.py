@@ -18,7 +18,7 @@ at the requested times. The scheme is chosen by what the SDE allows (:class:`Met
   fast, but accurate only where p ≳ 1e-13·max;
 * ``LOG_DENSITY`` — anything with ``drift``/``diffusion``: u = log p from
   ∂_t u = −∇·f − f·∇u + ½g²(Δu + |∇u|²), central differences (exact on Gaussian tails, quadratic ghost
-  cells at the walls) and linearly implicit ADI steps with Richardson extrapolation, 2nd order in space
+  cells at the walls) and linearised trapezoidal ADI steps (L-stable start), 2nd order in space
   and time; the score error is about uniform down to p ≈ 1e-60·max (:mod:`~fpe_lab.groundtruth.log_density`).
   Not conservative (normalised at output) and it needs a positive, resolved p0 (or its exact ``log_p0``).
 """
