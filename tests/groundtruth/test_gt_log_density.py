@@ -174,3 +174,35 @@ def test_log_density_benchmark_problem_256():
     bands = bands_at(sol, 0, gm, sde, t, levels=(1e-3, 1e-6, 1e-10, 1e-12))
     assert bands[1e-6] < 1e-3, bands  # issue-3 accuracy target (measured 5.4e-4 at 100 steps)
     assert bands[1e-10] < 10 * bands[1e-3], bands  # tail target (measured 1.1×)
+
+
+def test_log_density_stationary_gradient_drift():
+    """dx = −∇U dt + g dw (U non-separable, quartic; no div_drift: ∇·f by autograd) relaxes to
+    u = −2U/g² + c, a steady state of the u-equation; Hessian of U ≥ 13 I makes the relaxation error at
+    t = 1 ~e^{−13}, so what remains is the scheme's O(h²) (central differences are not exact on quartics)."""
+
+    class Gradient:
+        def drift(self, x, t):
+            a, b = x[:, 0], x[:, 1]  # U = 7(a² + b²) + (a + b)⁴/4 + a b
+            return -torch.stack([14 * a + (a + b) ** 3 + b, 14 * b + (a + b) ** 3 + a], -1)
+
+        def diffusion(self, t):
+            return torch.full_like(torch.as_tensor(t, dtype=torch.float64), 1.2)
+
+    hs, errs = [], []
+    for n in (20, 40, 80):
+        grid = Grid(((-1.6, 1.6), (-1.6, 1.6)), (n, n))
+        a, b = grid.coords[..., 0], grid.coords[..., 1]
+        stat_score = -2 * np.stack([14 * a + (a + b) ** 3 + b, 14 * b + (a + b) ** 3 + a], -1) / 1.2**2
+        log_p0 = -((a - 0.3) ** 2 + (b + 0.2) ** 2) / (2 * 0.2**2)
+        sol = solve_fokker_planck(Gradient(), None, grid, [0.05, 1.0], method=LD, n_steps=60, progress=False,
+                                  log_p0=log_p0)
+        assert np.abs(sol.score[0] - stat_score).max() > 1.0  # can fail: not yet stationary at t = 0.05
+        hs.append(grid.dx[0])
+        u_stat = -2 * (7 * (a**2 + b**2) + (a + b) ** 4 / 4 + a * b) / 1.2**2
+        errs.append(score_error_bands(sol.score[1], stat_score, u_stat, (1e-10,))[1e-10])
+    order = fitted_order(hs, errs)
+    # Second order in the band p ≥ 1e-10·max (measured 2.5: 2.3e-2, 4.2e-3, 7.3e-4). Nearer the walls
+    # (p ~ 1e-20 .. 1e-39 here) the quadratic ghost is not exact for this quartic u and the error there
+    # falls only like ~h^0.6 (measured 4.5e-2, 2.6e-2, 1.7e-2): see the log_density module docstring.
+    assert 1.8 < order < 3.0, (order, errs)
