@@ -27,7 +27,6 @@ imports ``fpe_lab``. Run ``python -m analytic.gmm_terms`` to print the derivatio
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Callable
 

@@ -4,6 +4,36 @@
 Handlers raise :class:`CLIError` for bad input; ``fpe_lab.run`` prints it as one line and exits 2.
 """
 
+import argparse
+import math
+
 
 class CLIError(Exception):
     """Bad command-line input: printed as ``error: <message>`` with exit code 2, no traceback."""
+
+
+def ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
+    """argparse type: a ``kind`` number in [lo, hi] (or (lo, hi] with lo_open)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; got {text!r}") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {rng}; got {text}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Usage errors as one line ``error: ...`` with exit code 2 (argparse would print the usage too)."""
+
+    def error(message: str):
+        parser.exit(2, f"error: {parser.prog}: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpe_lab.commands import CLIError
+from fpe_lab.commands import CLIError, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", type=Path, default=None, help="output path without suffix (default runs/groundtruth_DATA_SDE_GRID)")
     p.add_argument("--no-figure", action="store_true", help="skip the PNG")
     p.set_defaults(handler=run)
+    one_line_errors(p)
 
 
 def _sde(name: str):

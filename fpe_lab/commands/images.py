@@ -35,8 +35,7 @@ import torch
 
 from fpe_lab import distributed
 from fpe_lab.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ConfigMismatchError, atomic_write_text, check_same_config, load_checkpoint, write_config
-from fpe_lab.commands import CLIError
-from fpe_lab.commands.toy2d import _one_line_errors, _ranged
+from fpe_lab.commands import CLIError, one_line_errors, ranged
 from fpe_lab.config import DeviceChoice, Regularizer, SDEKind, build_sde, resolve_device
 from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
 from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, Probe, score_fpe_residual
@@ -383,27 +382,27 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
                        help="the cifar-10-batches-py folder (or its parent) of https://www.cs.toronto.edu/~kriz/cifar.html")
     p.add_argument("--reg", choices=[r.value for r in Regularizer], default=d.reg.value,
                    help="none: DSM only; fpe: DSM + (lam/D)·E w(t)‖R‖²")
-    p.add_argument("--lam", type=_ranged(float, 0.0), default=d.lam, help="weight of the FPE term")
+    p.add_argument("--lam", type=ranged(float, 0.0), default=d.lam, help="weight of the FPE term")
     p.add_argument("--sde", choices=[s.value for s in SDEKind], default=d.sde.value, help="forward SDE")
     p.add_argument("--model", choices=[s.value for s in UNetSize], default=d.model.value,
                    help="U-Net size (tiny: CPU seconds; ddpmpp / ddpmpp-deep: the paper's CIFAR-10 networks)")
-    p.add_argument("--steps", type=_ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
-    p.add_argument("--batch", type=_ranged(int, 1, 10**6), default=d.batch, help="global batch size")
-    p.add_argument("--probes", type=_ranged(int, 1, 1024), default=d.probes, help="Hutchinson probes per sample")
+    p.add_argument("--steps", type=ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
+    p.add_argument("--batch", type=ranged(int, 1, 10**6), default=d.batch, help="global batch size")
+    p.add_argument("--probes", type=ranged(int, 1, 1024), default=d.probes, help="Hutchinson probes per sample")
     p.add_argument("--dt", choices=[k.value for k in TimeDerivativeKind], default=d.dt.value,
                    help="∂_t s in the residual: jvp (forward mode, exact) or fd (central difference clipped to "
                    "[eps, 1], extra evaluations with dropout off)")
-    p.add_argument("--fd-step", type=_ranged(float, 0.0, 0.5, lo_open=True), default=d.fd_step,
+    p.add_argument("--fd-step", type=ranged(float, 0.0, 0.5, lo_open=True), default=d.fd_step,
                    help="h of the finite-difference ∂_t s (with --dt fd)")
     p.add_argument("--fpe-weighting", choices=[w.value for w in FPEWeighting], default=d.fpe_weighting.value,
                    help="w(t) of the FPE term: normalized = sigma⁶/g⁴, g2 = g² (the paper's code), one")
     p.add_argument("--per-dim", action=argparse.BooleanOptionalAction, default=d.per_dim,
                    help="divide the FPE term by D = C·H·W")
-    p.add_argument("--eps", type=_ranged(float, 0.0, 0.5, lo_open=True), default=d.eps,
+    p.add_argument("--eps", type=ranged(float, 0.0, 0.5, lo_open=True), default=d.eps,
                    help="smallest time t of training and of the PF-ODE solve")
-    p.add_argument("--lr", type=_ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
-    p.add_argument("--seed", type=_ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
-    p.add_argument("--ckpt-every", type=_ranged(int, 1, 10**9), default=d.ckpt_every, help="checkpoint interval (steps)")
+    p.add_argument("--lr", type=ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
+    p.add_argument("--seed", type=ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
+    p.add_argument("--ckpt-every", type=ranged(int, 1, 10**9), default=d.ckpt_every, help="checkpoint interval (steps)")
     p.add_argument("--device", choices=[c.value for c in DeviceChoice], default=d.device.value,
                    help="training device when not under torchrun (auto: cuda if available)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for the DSM network pass (CUDA only)")
@@ -417,13 +416,13 @@ def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
 
 def _add_eval_arguments(p: argparse.ArgumentParser, min_points: int) -> None:
     d = ImageConfig()
-    p.add_argument("--eval-points", type=_ranged(int, min_points, 10**6), default=d.eval_points,
+    p.add_argument("--eval-points", type=ranged(int, min_points, 10**6), default=d.eval_points,
                    help="test images for bits/dim" + (" (0: skip)" if min_points == 0 else ""))
-    p.add_argument("--eval-repeats", type=_ranged(int, 1, 100), default=d.eval_repeats,
+    p.add_argument("--eval-repeats", type=ranged(int, 1, 100), default=d.eval_repeats,
                    help="repeats of the test images (dequantization and probe redrawn; 5 in Score SDE)")
-    p.add_argument("--eval-rtol", type=_ranged(float, 0.0, 1.0, lo_open=True), default=d.eval_rtol,
+    p.add_argument("--eval-rtol", type=ranged(float, 0.0, 1.0, lo_open=True), default=d.eval_rtol,
                    help="RK45 rtol = atol of the PF-ODE solve")
-    p.add_argument("--eval-seed", type=_ranged(int, 0, 2**62), default=d.eval_seed,
+    p.add_argument("--eval-seed", type=ranged(int, 0, 2**62), default=d.eval_seed,
                    help="seed of the dequantization noise and Hutchinson probes")
 
 
@@ -434,7 +433,7 @@ def add_parser(subparsers) -> None:
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_arguments(p, data)
         p.set_defaults(handler=_handler, image_data=data)
-        _one_line_errors(p)
+        one_line_errors(p)
     e = subparsers.add_parser("images-eval", help="bits/dim of a saved cifar10/digits run (EMA weights)",
                               description="Re-evaluate bits/dim of the EMA model of a cifar10/digits run folder; "
                               "writes RUN_DIR/bpd_seed<S>_n<N>_r<R>.json.",
@@ -443,7 +442,7 @@ def add_parser(subparsers) -> None:
     _add_eval_arguments(e, min_points=1)
     e.add_argument("--device", choices=[c.value for c in DeviceChoice], default="auto", help="evaluation device")
     e.set_defaults(handler=_eval_handler)
-    _one_line_errors(e)
+    one_line_errors(e)
 
 
 def config_from_args(args: argparse.Namespace, image_shape: tuple[int, int, int]) -> ImageConfig:

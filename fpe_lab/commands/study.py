@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from fpe_lab.checkpoint import ConfigMismatchError
-from fpe_lab.commands import CLIError
-from fpe_lab.commands.toy2d import _ranged, add_toy2d_arguments, config_from_args, run_dir_name, run_toy2d
+from fpe_lab.commands import CLIError, ranged
+from fpe_lab.commands.toy2d import add_toy2d_arguments, config_from_args, run_dir_name, run_toy2d
 from fpe_lab.config import Regularizer, Toy2dConfig, resolve_device
 from fpe_lab.study import StudyPlan, is_finished, run_study, summarize, write_summary
 
@@ -34,9 +34,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("preset", choices=["toy2d"], help="the experiment whose runs make up the study")
     add_toy2d_arguments(p)
-    p.add_argument("--lam", type=_ranged(float, 0.0), nargs="+", default=[0.0, 0.01, 0.1, 1.0],
+    p.add_argument("--lam", type=ranged(float, 0.0), nargs="+", default=[0.0, 0.01, 0.1, 1.0],
                    help="regularizer weights λ >= 0 (0: plain DSM)")
-    p.add_argument("--seeds", type=_ranged(int, 1, 1000), default=3, help="number of seeds per λ: --seed, --seed+1, ...")
+    p.add_argument("--seeds", type=ranged(int, 1, 1000), default=3, help="number of seeds per λ: --seed, --seed+1, ...")
     p.add_argument("--reg", choices=[Regularizer.FPE.value], default=Regularizer.FPE.value,
                    help="regularizer of the λ > 0 runs (λ = 0 runs are plain DSM)")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: run folders and summary")

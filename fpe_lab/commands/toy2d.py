@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,7 +36,7 @@ from fpe_lab.checkpoint import (
     read_config,
     write_config,
 )
-from fpe_lab.commands import CLIError
+from fpe_lab.commands import CLIError, one_line_errors, ranged
 from fpe_lab.config import (
     DeviceChoice,
     Regularizer,
@@ -71,45 +70,18 @@ FIGURE_TIME = 0.1  # time of the score-field figure: structure of the data still
 
 
 # ---------------------------------------------------------------------- argument parsing
-def _ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
-    """argparse type: a ``kind`` number in [lo, hi] (or (lo, hi] with lo_open)."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; got {text!r}") from None
-        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-            raise argparse.ArgumentTypeError(f"must be in {rng}; got {text}")
-        return v
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Usage errors as one line ``error: ...`` with exit code 2 (argparse would print the usage too)."""
-
-    def error(message: str):
-        parser.exit(2, f"error: {parser.prog}: {message}\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
-
-
 def add_toy2d_arguments(parser: argparse.ArgumentParser, defaults: Toy2dConfig | None = None) -> None:
     """The ``toy2d`` flags (issue 4 item 3), defaults from the ``toy2d`` preset."""
     d = defaults or toy2d()
     parser.add_argument("--reg", choices=[r.value for r in Regularizer], default=d.reg.value,
                         help="regularizer: none (DSM only) or fpe (DSM + lam·E w(t)‖R‖²)")
-    parser.add_argument("--lam", type=_ranged(float, 0.0), default=d.lam, help="weight lam >= 0 of the FPE term")
+    parser.add_argument("--lam", type=ranged(float, 0.0), default=d.lam, help="weight lam >= 0 of the FPE term")
     parser.add_argument("--data", choices=[x.value for x in ToyData], default=d.data.value, help="toy data set p_0")
     parser.add_argument("--sde", choices=[s.value for s in SDEKind], default=d.sde.value, help="forward SDE")
-    parser.add_argument("--steps", type=_ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
-    parser.add_argument("--batch", type=_ranged(int, 1, 10**7), default=d.batch, help="batch size")
-    parser.add_argument("--lr", type=_ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
-    parser.add_argument("--seed", type=_ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
+    parser.add_argument("--steps", type=ranged(int, 1, 10**9), default=d.steps, help="optimizer steps")
+    parser.add_argument("--batch", type=ranged(int, 1, 10**7), default=d.batch, help="batch size")
+    parser.add_argument("--lr", type=ranged(float, 0.0, 10.0, lo_open=True), default=d.lr, help="Adam learning rate")
+    parser.add_argument("--seed", type=ranged(int, 0, 2**62), default=d.seed, help="seed of init, data and noise")
     parser.add_argument("--device", choices=[c.value for c in DeviceChoice], default=d.device.value,
                         help="training device (auto: cuda if available)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder")
@@ -140,7 +112,7 @@ def add_parser(subparsers) -> None:
     )
     add_toy2d_arguments(p)
     p.set_defaults(handler=_toy2d_command)
-    _one_line_errors(p)
+    one_line_errors(p)
     e = subparsers.add_parser(
         "eval",
         help="re-evaluate a saved toy2d run folder (rewrites its metrics.json and figures)",
@@ -149,7 +121,7 @@ def add_parser(subparsers) -> None:
     )
     e.add_argument("run_dir", type=Path, help="a run folder written by toy2d")
     e.set_defaults(handler=_eval_command)
-    _one_line_errors(e)
+    one_line_errors(e)
 
 
 # ---------------------------------------------------------------------- run folders
