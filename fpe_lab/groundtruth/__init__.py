@@ -7,9 +7,9 @@ same SG discretisation propagated exactly after a time change (VE/VP), or for u 
 implicit ADI steps (any drift; accurate scores far into the tails).
 """
 
-from fpe_lab.groundtruth.diagnostics import BoundaryWarning, ResolutionWarning
+from fpe_lab.groundtruth.diagnostics import BoundaryWarning, ResolutionWarning, SolverBreakdown
 from fpe_lab.groundtruth.grid import Grid
 from fpe_lab.groundtruth.solution import Solution
 from fpe_lab.groundtruth.solver import Method, solve_fokker_planck
 
-__all__ = ["Grid", "Solution", "Method", "solve_fokker_planck", "BoundaryWarning", "ResolutionWarning"]
+__all__ = ["Grid", "Solution", "Method", "solve_fokker_planck", "BoundaryWarning", "ResolutionWarning", "SolverBreakdown"]

@@ -21,6 +21,7 @@ from fpe_lab.groundtruth.grid import Grid
 __all__ = [
     "BoundaryWarning",
     "ResolutionWarning",
+    "SolverBreakdown",
     "WALL_TOL",
     "CURVATURE_TOL",
     "check_walls",
@@ -41,6 +42,10 @@ class BoundaryWarning(UserWarning):
 
 class ResolutionWarning(UserWarning):
     """The grid does not resolve p0 or the kernel, or a field lost positivity/finiteness."""
+
+
+class SolverBreakdown(RuntimeError):
+    """A time-stepping solve broke down (singular system, non-finite values); the message says what to change."""
 
 
 def check_walls(grid: Grid, density: np.ndarray, times: np.ndarray, tol: float = WALL_TOL) -> float:

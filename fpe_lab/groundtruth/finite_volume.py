@@ -45,6 +45,7 @@ import torch
 from scipy.linalg.lapack import dgtsv
 from tqdm.auto import tqdm
 
+from fpe_lab.groundtruth.diagnostics import SolverBreakdown
 from fpe_lab.groundtruth.grid import Grid
 
 __all__ = ["bernoulli", "ScharfetterGummel", "step_times", "solve_density"]
@@ -149,7 +150,7 @@ class ScharfetterGummel:
             diag[1:] += k * left[:-1]
             *_, x, info = dgtsv(-k * right[:-1], diag, -k * left[:-1], rhs, 1, 1, 1, 1)
             if info != 0:
-                raise RuntimeError(f"tridiagonal solve failed (LAPACK dgtsv info = {info})")
+                raise SolverBreakdown(f"tridiagonal solve failed (LAPACK dgtsv info = {info})")
             p = np.moveaxis(x.reshape(moved.shape), -1, ax.d)
         return p
 

@@ -61,7 +61,7 @@ from scipy.linalg.lapack import dgtsv
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from fpe_lab.groundtruth.diagnostics import ResolutionWarning
+from fpe_lab.groundtruth.diagnostics import ResolutionWarning, SolverBreakdown
 from fpe_lab.groundtruth.finite_volume import diffusion_squared, step_times
 from fpe_lab.groundtruth.grid import Grid
 
@@ -193,7 +193,7 @@ class LogDensityScheme:
         rhs = rm.reshape(-1, 1).copy()
         *_, x, info = dgtsv(dl, dd, du, rhs, 1, 1, 1, 1)
         if info != 0:
-            raise RuntimeError(
+            raise SolverBreakdown(
                 f"log-density solve broke down (singular tridiagonal system, LAPACK dgtsv info = {info}): u = log p "
                 "is too steep for the steps; raise n_steps, pass the exact log_p0 instead of a p0 with zeros or "
                 "underflowed tails, or use Method.FINITE_VOLUME"
@@ -255,7 +255,7 @@ def solve_log_density(
                 done += 1
                 bar.update(1)
             if not np.all(np.isfinite(u)):
-                raise RuntimeError(
+                raise SolverBreakdown(
                     f"log-density solve lost finiteness by t = {float(times[j]):g}: the steps are too long for "
                     f"this grid and SDE; raise n_steps (now {n_steps}) or refine the grid"
                 )
