@@ -20,12 +20,12 @@ Prints a table; writes nothing.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import statistics
 import time
 
 import torch
+from step_memory import peak_step_memory, sync
 
 from fpe_lab.commands.images import ImageConfig, build_image_loss, build_image_model
 from fpe_lab.config import Regularizer, SDEKind, build_sde
@@ -63,33 +63,6 @@ class Trainer:
         self.opt.step()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_step_memory(trainer: Trainer) -> int:
-    """Peak bytes allocated by torch during one step, above the memory live before it."""
-    device = trainer.device
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        trainer.step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.step()
-    records = sorted((e for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU), key=lambda e: e.start_ns())
-    if not records:
-        raise RuntimeError("torch.profiler recorded no CPU memory events; cannot measure the peak")
-    return max(0, max(itertools.accumulate(e.nbytes() for e in records)))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=[s.value for s in UNetSize], default="tiny")
@@ -115,13 +88,13 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in range(args.repeats):
         for v, t in trainers.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 t.step()
-            _sync(device)
+            sync(device)
             times[v].append((time.perf_counter() - start) / args.steps)
-    mem = {v: peak_step_memory(t) for v, t in trainers.items()}
+    mem = {v: peak_step_memory(t.step, t.device) for v, t in trainers.items()}
     cfg = trainers["dsm"].config
     n_params = sum(q.numel() for q in trainers["dsm"].model.parameters())
     print(f"U-Net {cfg.model.value} ({n_params / 1e6:.2f}M params), images {cfg.image_shape}, batch {args.batch}, "

@@ -29,7 +29,6 @@ Writes nothing unless ``--out FILE.json`` is given (written atomically).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from step_memory import peak_step_memory, sync
 from tqdm import tqdm
 
 from fpe_lab.fpe import score_fpe_residual
@@ -107,36 +107,6 @@ class Trainer:
         return float(terms.total.detach())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_step_memory(trainer: Trainer, device: torch.device) -> int:
-    """Peak bytes allocated by torch during one step, above the memory live before it."""
-    if device.type == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        trainer.step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.step()
-    records = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-    ]
-    if not records:
-        raise RuntimeError("torch.profiler recorded no CPU memory events; cannot measure the peak")
-    records.sort(key=lambda e: e.start_ns())
-    return max(0, max(itertools.accumulate(e.nbytes() for e in records)))
-
-
 def check_shared_loss(setup: Setup) -> None:
     """The shared-forward loss is the same number as ScoreFPELoss with the jet residual."""
     tr = Trainer("fpe-jet-shared", setup)
@@ -179,13 +149,13 @@ def bench_size(setup: Setup, steps: int, repeats: int, warmup: int) -> dict:
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for _ in tqdm(range(repeats), desc=f"MLP {setup.depth}x{setup.width}", leave=False):
         for v, tr in trainers.items():
-            _sync(setup.device)
+            sync(setup.device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 tr.step()
-            _sync(setup.device)
+            sync(setup.device)
             times[v].append((time.perf_counter() - t0) / steps)
-    mem = {v: peak_step_memory(tr, setup.device) for v, tr in trainers.items()}
+    mem = {v: peak_step_memory(tr.step, setup.device) for v, tr in trainers.items()}
     flops = matmul_flop_ratio(setup)
     out = {}
     for v in VARIANTS:
