@@ -27,8 +27,8 @@ import time
 import torch
 from step_memory import peak_step_memory, sync
 
-from fpe_lab.commands.images import ImageConfig, build_image_loss, build_image_model
-from fpe_lab.config import Regularizer, SDEKind, build_sde
+from fpe_lab.commands.images import build_image_loss, build_image_model
+from fpe_lab.config import ImageConfig, Regularizer, SDEKind, build_sde
 from fpe_lab.nets.unet import UNetSize
 
 VARIANTS = ("dsm", "fpe-p1", "fpe-p2", "fpe-p4")

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import enum
 import functools
 import json
 import logging
 import math
 import time
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,136 +33,31 @@ import torch
 from fpe_lab import distributed
 from fpe_lab.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, ConfigMismatchError, atomic_write_text, check_same_config, load_checkpoint, write_config
 from fpe_lab.commands import CLIError, one_line_errors, ranged
-from fpe_lab.config import DeviceChoice, Regularizer, SDEKind, build_sde, resolve_device
+from fpe_lab.config import (
+    DeviceChoice,
+    ImageConfig,
+    ImageData,
+    Regularizer,
+    SDEKind,
+    TimeDerivativeKind,
+    build_sde,
+    cifar10,
+    digits,
+    resolve_device,
+)
 from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
-from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, Probe, score_fpe_residual
+from fpe_lab.fpe import Hutchinson, Probe, score_fpe_residual
 from fpe_lab.losses import DSMWeighting, FPEPoints, FPERegularizer, FPEWeighting, LossTerms, ScoreFPELoss
 from fpe_lab.model import ScoreModel
-from fpe_lab.nets.unet import UNet, UNetConfig, UNetSize
+from fpe_lab.nets.unet import UNet, UNetSize
 from fpe_lab.train import TrainOptions, train
 
-__all__ = ["ImageData", "ImageConfig", "add_parser", "run_images", "run_dir_name", "build_image_model",
+__all__ = ["add_parser", "run_images", "run_dir_name", "build_image_model",
            "build_image_loss", "evaluate_bits_per_dim", "evaluate_run", "METRICS_NAME"]
 
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
-
-
-class TimeDerivativeKind(enum.Enum):
-    """How ∂_t s inside the residual is computed (``fpe_lab.fpe``)."""
-
-    JVP = "jvp"  # forward-mode JVP in t: exact (default)
-    FD = "fd"  # central difference clipped to [eps, 1], extra evaluations without dropout
-
-    def build(self, step: float, eps: float):
-        match self:
-            case TimeDerivativeKind.JVP:
-                return ForwardModeDt()
-            case TimeDerivativeKind.FD:
-                return FiniteDifferenceDt(h=step, eps=eps)
-
-
-class ImageData(enum.Enum):
-    CIFAR10 = "cifar10"
-    DIGITS = "digits"
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """One image run. Defaults: the paper's fine-tuning recipe scale (Adam 2e-4, EMA 0.9999, clip 1)."""
-
-    data: ImageData = ImageData.CIFAR10
-    data_dir: str | None = None
-    image_shape: tuple[int, int, int] = (3, 32, 32)  # (C, H, W), from the data; checked on resume
-    model: UNetSize = UNetSize.TINY
-    sde: SDEKind = SDEKind.VP
-    reg: Regularizer = Regularizer.FPE
-    lam: float = 0.1
-    per_dim: bool = True  # divide the FPE term by D
-    fpe_weighting: FPEWeighting = FPEWeighting.NORMALIZED
-    fpe_batch: int | None = None
-    probes: int = 1
-    probe: Probe = Probe.RADEMACHER
-    dt: TimeDerivativeKind = TimeDerivativeKind.JVP
-    fd_step: float = 1e-3  # h of the finite-difference ∂_t s (only with dt = fd)
-    eps: float = 1e-5
-    steps: int = 1000
-    batch: int = 64  # global batch (split over ranks)
-    lr: float = 2e-4
-    ema_decay: float = 0.9999
-    grad_clip: float | None = 1.0
-    seed: int = 0
-    ckpt_every: int = 500
-    hflip: bool = True
-    bf16: bool = False
-    device: DeviceChoice = DeviceChoice.AUTO
-    init_from: str | None = None
-    eval_points: int = 256
-    eval_repeats: int = 1
-    eval_rtol: float = 1e-5
-    eval_batch: int = 64
-    eval_seed: int = 0  # seeds the dequantization noise and Hutchinson probes of the bits/dim solve
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(ImageConfig)
-        for f in dataclasses.fields(self):
-            kind = hints[f.name]
-            if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(getattr(self, f.name), kind):
-                raise ValueError(f"{f.name} must be one of {[m.value for m in kind]}; got {getattr(self, f.name)!r}")
-        for name, lo in (("probes", 1), ("steps", 1), ("batch", 1), ("seed", 0), ("ckpt_every", 1),
-                         ("eval_points", 0), ("eval_repeats", 1), ("eval_batch", 1), ("eval_seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-        for name, lo, hi in (("lam", 0.0, math.inf), ("eps", 0.0, 0.5), ("lr", 0.0, 10.0), ("eval_rtol", 0.0, 1.0),
-                             ("fd_step", 0.0, 0.5)):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi) or (name != "lam" and v == 0):
-                raise ValueError(f"{name} must be a finite number in {'[' if name == 'lam' else '('}{lo:g}, {hi:g}]; got {v!r}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay!r}")
-        if self.fpe_batch is not None and not (isinstance(self.fpe_batch, int) and 1 <= self.fpe_batch):
-            raise ValueError(f"fpe_batch must be None or an int >= 1; got {self.fpe_batch!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ImageConfig:
-        """Inverse of :meth:`to_dict` (unknown keys are an error; missing keys take the defaults)."""
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(d, dict) or set(d) - names:
-            raise ValueError(f"not an image run config: unknown keys {sorted(set(d) - names) if isinstance(d, dict) else d!r}")
-        kwargs = {}
-        for k, v in d.items():
-            kind = hints[k]
-            if isinstance(kind, type) and issubclass(kind, enum.Enum):
-                v = kind(v)
-            elif k == "image_shape":
-                v = tuple(v)
-            kwargs[k] = v
-        return cls(**kwargs)
-
-    @property
-    def dim(self) -> int:
-        return math.prod(self.image_shape)
-
-    def unet_config(self) -> UNetConfig:
-        c, h, w = self.image_shape
-        if h != w:
-            raise ValueError(f"images must be square; got {h}×{w}")
-        return UNetConfig.preset(self.model, in_channels=c, image_size=h)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, enum.Enum):
-        return v.value
-    return list(v) if isinstance(v, tuple) else v
 
 
 def run_dir_name(config: ImageConfig) -> str:
@@ -376,7 +268,7 @@ def _training_summary(history: torch.Tensor, step: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- CLI
 def _add_arguments(p: argparse.ArgumentParser, data: ImageData) -> None:
-    d = ImageConfig(data=data)
+    d = cifar10() if data is ImageData.CIFAR10 else digits()
     if data is ImageData.CIFAR10:
         p.add_argument("--data-dir", type=Path, required=True,
                        help="the cifar-10-batches-py folder (or its parent) of https://www.cs.toronto.edu/~kriz/cifar.html")

@@ -173,8 +173,8 @@ def test_image_loss_all_sdes_finite_near_eps(sde, dt):
     """The cifar10 command's loss (DSM + Hutchinson FPE) is finite, with finite gradients, for every SDE at
     t = eps (the paper's code crashes for VE/sub-VP and gives NaN below t = 1e-3), with ∂_t s by JVP and by
     the clipped finite difference (--dt fd)."""
-    from fpe_lab.commands.images import ImageConfig, TimeDerivativeKind, build_image_loss, build_image_model
-    from fpe_lab.config import SDEKind, build_sde
+    from fpe_lab.commands.images import build_image_loss, build_image_model
+    from fpe_lab.config import ImageConfig, SDEKind, TimeDerivativeKind, build_sde
     from fpe_lab.losses import dsm_loss
 
     config = ImageConfig(image_shape=(1, 8, 8), sde=SDEKind(sde), eps=1e-5, probes=2, dt=TimeDerivativeKind(dt))
