@@ -39,6 +39,7 @@ def test_train_evaluate_resume(cifar, tmp_path, capsys):
     # a barely trained tiny net: bits/dim finite and above the 7-bit dequantization offset's floor of 0
     assert torch.isfinite(torch.tensor(lik["bits_per_dim"])) and lik["bits_per_dim"] > 0
     assert lik["solver"]["method"] == "RK45" and lik["solver"]["offset_bits_per_dim"] == 7.0
+    assert torch.isfinite(torch.tensor(lik["dsm_bound_bits_per_dim"])) and lik["dsm_bound_bits_per_dim"] > 0
     assert metrics["training"]["steps"] == 2 and metrics["training"]["final_fpe"] > 0
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     assert ckpt["step"] == 2 and set(ckpt) >= {"model", "ema", "optimizer", "rng"}
