@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,7 +51,11 @@ __all__ = [
     "divergence",
     "jacobian",
     "jacobian_asymmetry",
+    "jacobian_asymmetry_sq",
     "curl_2d",
+    "ResidualEstimator",
+    "residual_sq",
+    "Estimate",
 ]
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -128,6 +133,8 @@ def _leaves(x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 2:
         desc = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating tensor of shape (b, *dims) with at least 2 axes; got {desc}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one sample (b >= 1); got an empty batch of shape {tuple(x.shape)}")
     check_finite(x.detach(), "x")
     t = check_time(batch_time(t, x))
     return x.detach().requires_grad_(True), t.detach().requires_grad_(True)
@@ -307,6 +314,105 @@ def score_fpe_residual(
     return r if create_graph else r.detach()
 
 
+class ResidualEstimator(enum.Enum):
+    """How :func:`residual_sq` estimates ‖R‖² when the divergence inside R is a random estimate.
+
+    SQUARED: ‖R̂‖², one residual; E‖R̂‖² = ‖R‖² + E‖R̂ − R‖² (the paper's form, biased upward).
+    UNBIASED: ⟨R̂₁, R̂₂⟩, two residuals with independent divergence draws; E⟨R̂₁, R̂₂⟩ = ⟨R, R⟩.
+    """
+
+    SQUARED = "squared"
+    UNBIASED = "unbiased"
+
+
+def _is_deterministic(divergence: DivergenceEstimator | None) -> bool:
+    return divergence is None or isinstance(divergence, ExactDivergence)
+
+
+def residual_sq(
+    score_fn: ScoreFn,
+    sde: SDE,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    *,
+    divergence: DivergenceEstimator | None = None,
+    estimator: ResidualEstimator = ResidualEstimator.UNBIASED,
+    time_derivative: TimeDerivative | None = None,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """Per-sample estimate of ‖R(x, t)‖², shape (b,), for x of shape (b, *dims), t of shape (b,) or scalar.
+
+    R = ∂_t s − ∇_x φ with φ = ½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f (see :func:`score_fpe_residual`).
+    With a Hutchinson divergence, R̂ = R + ½g² ∇(∇̂·s − ∇·s) is unbiased but random, so
+
+    * ``ResidualEstimator.SQUARED``: ‖R̂‖², one residual (the paper's form). Biased upward:
+      E‖R̂‖² = ‖R‖² + E‖R̂ − R‖², and the variance term grows with D, so even the exact score
+      reads a positive residual on images.
+    * ``ResidualEstimator.UNBIASED`` (default): ⟨R̂₁, R̂₂⟩ with two residuals whose divergence
+      probes are independent (the divergence estimator is called twice, drawing two probe sets in
+      sequence from its generator); E⟨R̂₁, R̂₂⟩ = ⟨E R̂₁, E R̂₂⟩ = ‖R‖². Single values may be
+      negative; their mean is the estimate. Costs one more divergence and one more reverse pass.
+
+    With the exact divergence (``divergence`` None or ``ExactDivergence()``) both equal ‖R‖² exactly
+    (UNBIASED then computes R once). ∂_t s is deterministic (``time_derivative`` as in
+    :func:`score_fpe_terms`) and shared by both residuals. ``create_graph=True`` keeps the graph
+    (the gradient of the UNBIASED estimate is an unbiased estimate of ∇_θ ‖R‖²).
+    """
+    if not isinstance(estimator, ResidualEstimator):
+        raise ValueError(f"estimator must be a fpe_lab.fpe.ResidualEstimator ({list(ResidualEstimator)}); got {estimator!r}")
+    two = estimator is ResidualEstimator.UNBIASED and not _is_deterministic(divergence)
+    div_est = divergence or ExactDivergence()
+    x, t = _leaves(x, t)
+    s, dt_s = (time_derivative or ForwardModeDt())(score_fn, x, t)
+    b = s.shape[0]
+    flat = s.reshape(b, -1)
+    half_g2 = 0.5 * sde.diffusion(t) ** 2
+    f_dot_s = (sde.drift(x, t).reshape(b, -1) * flat).sum(-1)
+    common = half_g2 * flat.pow(2).sum(-1) - f_dot_s - _div_drift(sde, x, t)
+    divs = [div_est(s, x) for _ in range(2 if two else 1)]
+    residuals = []
+    for k, div_s in enumerate(divs):
+        keep = create_graph or k < len(divs) - 1  # the second reverse pass reuses the graph
+        r = dt_s - _grad(common + half_g2 * div_s, x, create_graph=create_graph, retain_graph=keep)
+        residuals.append(r.reshape(b, -1))
+    sq = (residuals[0] * residuals[-1]).sum(-1)
+    check_finite(sq.detach(), "residual_sq (the residual of score_fn)")
+    return sq if create_graph else sq.detach()
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-sample unbiased estimates of a nonnegative quantity and their batch mean with standard error.
+
+    ``values`` has shape (b,), b >= 1 (float64, detached unless built from ``create_graph`` output);
+    ``mean`` = (1/b) Σ values, ``se`` = std(values) / sqrt(b) with the (b − 1) sample std, 0.0 for b = 1.
+    Single values of an unbiased estimate (e.g. :func:`residual_sq` with UNBIASED) may be negative.
+    """
+
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        v = self.values
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim != 1 or v.numel() == 0:
+            desc = f"shape {tuple(v.shape)}, dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"values must be a floating tensor of shape (b,) with b >= 1; got {desc}")
+        check_finite(v.detach(), "values")
+
+    @property
+    def n(self) -> int:
+        return self.values.numel()
+
+    @property
+    def mean(self) -> float:
+        return float(self.values.detach().double().mean())
+
+    @property
+    def se(self) -> float:
+        if self.n == 1:
+            return 0.0
+        return float(self.values.detach().double().std() / math.sqrt(self.n))
+
+
 def log_density_fpe_residual(
     log_prob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     sde: SDE,
@@ -357,6 +463,47 @@ def jacobian_asymmetry(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | flo
     """‖J − Jᵀ‖_F per sample, shape (b,): zero iff s is locally a gradient field (conservative)."""
     jac = jacobian(score_fn, x, t)
     return torch.linalg.matrix_norm(jac - jac.transpose(-1, -2))
+
+
+def jacobian_asymmetry_sq(
+    score_fn: ScoreFn,
+    x: torch.Tensor,
+    t: torch.Tensor | float,
+    *,
+    probes: int | None = None,
+    probe: Probe = Probe.RADEMACHER,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (‖J − Jᵀ‖²_F, ‖J‖²_F), each shape (b,), J = ∂s/∂x of the flattened score (D × D).
+
+    x has shape (b, *dims), t shape (b,) or scalar. ``probes`` None: exact, from the full Jacobian
+    (D reverse passes; for small D). ``probes`` k: unbiased Hutchinson estimates
+    (1/k) Σ_v ‖(J − Jᵀ) v‖² and (1/k) Σ_v ‖J v‖² with k independent probes per sample,
+    E v vᵀ = I (``probe``, drawn from ``generator``), since E‖M v‖² = tr(Mᵀ M E v vᵀ) = ‖M‖²_F.
+    J v comes from a forward-mode JVP in x, Jᵀ v from a VJP: per probe about three forward costs.
+    The ratio ‖J − Jᵀ‖²_F / ‖J‖²_F is 0 for a gradient field and at most 4.
+    """
+    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+        raise ValueError(f"probes must be None (exact) or an int >= 1; got {probes!r}")
+    x, t = _leaves(x, t)
+    b = x.shape[0]
+    if probes is None:
+        flat = _check_score(score_fn(x, t), x).reshape(b, -1)
+        rows = [_grad(flat[:, i], x, create_graph=False, retain_graph=True).reshape(b, -1) for i in range(flat.shape[1])]
+        jac = torch.stack(rows, dim=1)
+        return (jac - jac.transpose(-1, -2)).pow(2).sum((-1, -2)), jac.pow(2).sum((-1, -2))
+    sampler = Hutchinson(probes, probe, generator)
+    t0 = t.detach()
+    asym = torch.zeros(b, dtype=x.dtype, device=x.device)
+    norm = torch.zeros(b, dtype=x.dtype, device=x.device)
+    for _ in range(probes):
+        v = sampler.sample_probe(x)
+        s, jv = jvp(lambda xx: score_fn(xx, t0), (x,), (v,))
+        _check_score(s, x)
+        jtv = _grad((s * v).reshape(b, -1).sum(-1), x, create_graph=False)
+        asym = asym + (jv.detach() - jtv).reshape(b, -1).pow(2).sum(-1)
+        norm = norm + jv.detach().reshape(b, -1).pow(2).sum(-1)
+    return asym / probes, norm / probes
 
 
 def curl_2d(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

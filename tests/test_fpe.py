@@ -12,14 +12,18 @@ from hypothesis import strategies as st
 from analytic import gmm_terms
 from analytic.marginals import Kind
 from fpe_lab.fpe import (
+    Estimate,
     ExactDivergence,
     Hutchinson,
     Probe,
+    ResidualEstimator,
     curl_2d,
     divergence,
     jacobian,
     jacobian_asymmetry,
+    jacobian_asymmetry_sq,
     log_density_fpe_residual,
+    residual_sq,
     score_fpe_residual,
     score_fpe_terms,
 )
@@ -421,3 +425,146 @@ def test_residual_on_cuda_matches_cpu(dtype):
     tol = 1e-4 if dtype == torch.float32 else 1e-10
     for cpu, cuda in zip(results["cpu"], results["cuda"]):
         assert torch.all((cpu.double() - cuda.double()).abs() <= tol * scale)
+
+
+# ----------------------------------------------------------------------------- unbiased ‖R‖² and asymmetry
+def _block_score(sde, block: int = 4):
+    """Exact score of a product density on images: every group of ``block`` consecutive pixels is an
+    independent ``block``-D two-component mixture with full covariances (block-diagonal Jacobian with
+    nonzero off-diagonal entries, so a Rademacher divergence estimate is random). Returns (score_fn, gmm)."""
+    rng = np.random.default_rng(11)
+    a = rng.uniform(-1, 1, size=(2, block, block))
+    gmm = GaussianMixture([0.4, 0.6], rng.uniform(-1, 1, size=(2, block)), a @ a.transpose(0, 2, 1) + 0.05 * np.eye(block))
+
+    def score_fn(x, t):
+        per = x[0].numel() // block
+        return gmm.score(x.reshape(-1, block), t.repeat_interleave(per), sde).reshape(x.shape)
+
+    return score_fn, gmm
+
+
+@pytest.mark.analytic
+def test_unbiased_residual_of_exact_score_is_zero_on_images_and_squared_is_not():
+    sde = VPSDE()
+    score_fn, gmm = _block_score(sde)
+    b, shape = 32, (3, 32, 32)  # D = 3072
+    gen = torch.Generator().manual_seed(0)
+    x0 = gmm.sample(b * 3072 // 4, gen).reshape(b, *shape)
+    t = 0.3
+    alpha, sigma = sde.marginal(torch.tensor(t, dtype=torch.float64))
+    x = alpha * x0 + sigma * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    small = x[:2, :1, :1, :8]  # D = 8: the exact divergence (D reverse passes) stays cheap
+    exact = residual_sq(score_fn, sde, small, t, estimator=ResidualEstimator.SQUARED)
+    scale = score_fpe_terms(score_fn, sde, small, t).scale
+    assert torch.all(exact <= (1e-10 * scale) ** 2)  # exact score: float64 round-off of R only
+    est = {e: Estimate(residual_sq(score_fn, sde, x, t, estimator=e, divergence=Hutchinson(1, generator=torch.Generator().manual_seed(1))))
+           for e in ResidualEstimator}
+    unbiased, squared = est[ResidualEstimator.UNBIASED], est[ResidualEstimator.SQUARED]
+    assert unbiased.se > 0 and squared.se > 0  # the probes really are random here
+    assert abs(unbiased.mean) < 3 * unbiased.se  # E = ‖R‖² = 0: within 3 SE at this fixed seed
+    # Can fail: the same z-test rejects ‖R̂‖², whose mean is E‖R̂ − R‖² > 0 (measured z ≈ 80)
+    assert squared.mean > 20 * squared.se
+
+
+def test_residual_estimators_on_a_defective_score_match_the_exact_divergence_value():
+    """With a smooth non-conservative defect (R ≠ 0) in D = 3: the exact-divergence value is ‖R‖² for
+    both estimators; with Hutchinson, ⟨R̂₁, R̂₂⟩ averages to ‖R‖² and ‖R̂‖² to ‖R‖² + ‖R̂ − R‖²."""
+    sde = VESDE()
+    w, means, covs, rng = random_mixture(120, 2, 3)
+    exact = GaussianMixture(w, means, covs).score_fn(sde)
+    m = torch.tensor(rng.normal(size=(3, 3)))
+
+    def defective(x, t):
+        return exact(x, t) + 0.3 * torch.tanh(x @ m.T) * (1 + t)[:, None]
+
+    n_pts, n_rep, t = 5, 2000, 0.4
+    x = torch.tensor(points(rng, means, n_pts))
+    r = score_fpe_residual(defective, sde, x, t)
+    truth = r.pow(2).sum(-1)
+    for e in ResidualEstimator:
+        for div in (None, ExactDivergence()):
+            # float64 round-off: the same R, squared
+            torch.testing.assert_close(residual_sq(defective, sde, x, t, estimator=e, divergence=div), truth, rtol=1e-12, atol=0)
+    x_rep = x.repeat(n_rep, 1)
+    unbiased = residual_sq(defective, sde, x_rep, t, divergence=Hutchinson(1, generator=torch.Generator().manual_seed(2))).reshape(n_rep, n_pts)
+    squared = residual_sq(defective, sde, x_rep, t, estimator=ResidualEstimator.SQUARED,
+                          divergence=Hutchinson(1, generator=torch.Generator().manual_seed(3))).reshape(n_rep, n_pts)
+    r_hat = score_fpe_residual(defective, sde, x_rep, t, divergence=Hutchinson(1, generator=torch.Generator().manual_seed(3)))
+    # same probes (same seed, one draw): ‖R̂‖² is the square of score_fpe_residual's R̂, float64 round-off
+    torch.testing.assert_close(squared.reshape(-1), r_hat.pow(2).sum(-1), rtol=1e-10, atol=1e-12 * truth.max().item())
+    noise = (r_hat - r.repeat(n_rep, 1)).pow(2).sum(-1).reshape(n_rep, n_pts)  # ‖R̂ − R‖²
+    se = lambda v: v.std(0) / math.sqrt(n_rep)  # noqa: E731
+    assert torch.all(se(unbiased) > 0) and torch.all(noise.mean(0) > 0)  # the divergence estimate is random
+    # unbiased: within 4 SE per point at this fixed seed (5 points)
+    assert torch.all(((unbiased.mean(0) - truth) / se(unbiased)).abs() < 4)
+    # ‖R̂‖² − ‖R‖² − ‖R̂ − R‖² = 2⟨R, R̂ − R⟩ has mean 0: within 4 SE
+    assert torch.all(((squared - noise).mean(0) - truth).abs() < 4 * se(squared - noise))
+    # Can fail: the biased form misses ‖R‖² by many SE at some point
+    assert torch.any(((squared.mean(0) - truth) / se(squared)) > 4)
+
+
+@pytest.mark.analytic
+def test_jacobian_asymmetry_sq_exact_and_hutchinson_on_a_linear_field():
+    """s(x) = A x with A non-symmetric: J = A, ‖J − Jᵀ‖²_F = ‖A − Aᵀ‖²_F, ‖J‖²_F = ‖A‖²_F (closed form)."""
+    a = torch.tensor(np.random.default_rng(5).normal(size=(6, 6)))
+
+    def linear(x, t):  # image-shaped (b, 1, 2, 3): A acts on the flattened 6 coordinates
+        return (x.reshape(x.shape[0], -1) @ a.T).reshape(x.shape) * (1 + 0 * t)[:, None, None, None]
+
+    want_asym = (a - a.T).pow(2).sum()
+    want_norm = a.pow(2).sum()
+    x = torch.randn(4, 1, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    asym, norm = jacobian_asymmetry_sq(linear, x, 0.5)
+    assert asym.shape == norm.shape == (4,)
+    torch.testing.assert_close(asym, want_asym.expand(4), rtol=1e-12, atol=0)  # float64 round-off
+    torch.testing.assert_close(norm, want_norm.expand(4), rtol=1e-12, atol=0)
+    n_rep = 4000
+    for probe in Probe:
+        h_asym, h_norm = jacobian_asymmetry_sq(linear, x[:1].repeat(n_rep, 1, 1, 1), 0.5, probes=2, probe=probe,
+                                               generator=torch.Generator().manual_seed(7))
+        for est, want in ((h_asym, want_asym), (h_norm, want_norm)):
+            e = Estimate(est)
+            assert e.se > 0  # random probes
+            assert abs(e.mean - want) < 4 * e.se  # unbiased: within 4 SE at this fixed seed
+            # Can fail: a probe scaled by 1.1 (E v vᵀ = 1.21 I) is caught by the same test
+            assert abs(1.21 * e.mean - want) > 4 * 1.21 * e.se
+    # a gradient field (the exact mixture score) has no asymmetry: float64 round-off of mixed derivatives
+    w, means, covs, rng = random_mixture(130, 2, 3)
+    exact = GaussianMixture(w, means, covs).score_fn(VPSDE())
+    xg = torch.tensor(points(rng, means, 5))
+    asym, norm = jacobian_asymmetry_sq(exact, xg, 0.3)
+    assert torch.all(asym <= 1e-24 * norm) and torch.all(norm > 0)
+    h_asym, _ = jacobian_asymmetry_sq(exact, xg, 0.3, probes=3, generator=torch.Generator().manual_seed(1))
+    assert torch.all(h_asym <= 1e-24 * norm)  # J v = Jᵀ v up to float64 round-off
+
+
+def test_estimate_mean_and_standard_error():
+    v = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    e = Estimate(v)
+    assert e.mean == pytest.approx(7 / 3, rel=1e-15)  # float64 round-off
+    assert e.se == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3), rel=1e-14)
+    assert Estimate(torch.tensor([3.0])).se == 0.0
+    with pytest.raises(ValueError, match=r"values must be a floating tensor of shape \(b,\) with b >= 1; got shape \(0,\)"):
+        Estimate(torch.zeros(0))
+    with pytest.raises(ValueError, match="values must be a floating tensor"):
+        Estimate(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="values must be finite; got non-finite value nan"):
+        Estimate(torch.tensor([1.0, math.nan]))
+
+
+def test_empty_batch_and_bad_estimator_arguments_raise():
+    sde = VPSDE()
+    fn = GaussianMixture([1.0], [[0.0, 0.0]], [np.eye(2)]).score_fn(sde)
+    empty = torch.zeros(0, 2, dtype=torch.float64)
+    for f in (score_fpe_residual, score_fpe_terms, residual_sq):
+        with pytest.raises(ValueError, match=r"x must hold at least one sample \(b >= 1\); got an empty batch of shape \(0, 2\)"):
+            f(fn, sde, empty, 0.5)
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="estimator must be a fpe_lab.fpe.ResidualEstimator.*got 'unbiased'"):
+        residual_sq(fn, sde, x, 0.5, estimator="unbiased")
+    with pytest.raises(ValueError, match="probes must be None .exact. or an int >= 1; got 0"):
+        jacobian_asymmetry_sq(fn, x, 0.5, probes=0)
+    with pytest.raises(ValueError, match="probes must be None .exact. or an int >= 1; got True"):
+        jacobian_asymmetry_sq(fn, x, 0.5, probes=True)
+    with pytest.raises(ValueError, match=r"residual_sq \(the residual of score_fn\) must be finite"):
+        residual_sq(lambda xx, tt: xx / 0.0 * 0.0, sde, x, 0.5)
