@@ -1,23 +1,32 @@
 """``python -m fpe_lab.run groundtruth``: ground-truth p_t, log p_t and scores of a toy data set on a grid.
 
-Writes ``OUT.npz`` (density, log_density, score, axes, bounds, times, SDE name and parameters) and
-``OUT.png`` (density and score field per time). Both are written atomically, only after the solve
-finished.
+``--out`` is a folder; the command writes exactly two names in it: ``solution.npz`` (density,
+log_density, score, axes, bounds, times, SDE name and parameters) and ``solution.png`` (density and
+score field per time; skipped with ``--no-figure``). It never derives other names from ``--out``.
+If either file already exists the command stops before solving (exit 2) unless ``--overwrite`` is given;
+with ``--overwrite --no-figure`` an older ``solution.png`` is removed so that the folder never pairs a
+new solution with an old figure. Both files are written atomically, only after the solve finished.
+
+Exit codes: 0 done; 2 bad input (flags, grids the solver cannot use, outputs that exist); 1 the
+environment (``--out`` under a file, an unwritable folder, a full disk, out of memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
+import math
 import os
-import tempfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fpe_lab.checkpoint import atomic_write_bytes
 from fpe_lab.commands import CLIError, one_line_errors
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,16 @@ SDE_CHOICES = ("ve", "vp", "subvp")
 METHOD_CHOICES = ("auto", "convolution", "finite_volume", "separable", "log_density")
 # Half-width of the box in units of sigma(t) beyond the pushed data box: p/max = e^{−8²/2} ≈ 1e-14 there.
 _SIGMA_MARGIN = 8.0
+GRID_RANGE = (8, 4096)
+# The data box must span this many cells per axis, or p_0 is not sampled by the cell centres at all
+# (VE boxes grow with sigma(1) = 50: --grid 8 gives cells ~100 wide and a p_0 that is zero everywhere).
+MIN_DATA_CELLS = 2
+NPZ_NAME = "solution.npz"
+PNG_NAME = "solution.png"
+
+
+class EnvironmentFailure(Exception):
+    """The environment, not the input, stops the command (not a folder, permissions, disk, memory): exit 1."""
 
 
 def _positive_int(lo: int, hi: int):
@@ -62,12 +81,14 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--data", choices=TOY_NAMES, default="checkerboard", help="toy data set (p_0)")
     p.add_argument("--sde", choices=SDE_CHOICES, default="vp", help="forward SDE with default parameters")
-    p.add_argument("--grid", type=_positive_int(8, 4096), default=256, help="cells per axis")
+    p.add_argument("--grid", type=_positive_int(*GRID_RANGE), default=256, help="cells per axis")
     p.add_argument("--times", type=_unit_time, nargs="+", default=[0.01, 0.1, 0.5, 1.0], help="increasing times in [0, 1]")
     p.add_argument("--method", choices=METHOD_CHOICES, default="auto", help="solver (auto: exact convolution for linear SDEs)")
     p.add_argument("--n-steps", type=_positive_int(1, 100000), default=200, help="time steps of the finite-volume and log-density solvers")
-    p.add_argument("--out", type=Path, default=None, help="output path without suffix (default runs/groundtruth_DATA_SDE_GRID)")
-    p.add_argument("--no-figure", action="store_true", help="skip the PNG")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help=f"output folder receiving {NPZ_NAME} and {PNG_NAME} (default runs/groundtruth_DATA_SDE_GRID)")
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {NPZ_NAME} / {PNG_NAME} in --out")
+    p.add_argument("--no-figure", action="store_true", help=f"skip {PNG_NAME}")
     p.set_defaults(handler=run)
     one_line_errors(p)
 
@@ -115,21 +136,8 @@ def box_for(data_bounds, sde, times) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
-def _atomic(path: Path, write) -> None:
-    """Write with ``write(tmp_path)`` into a temp file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the result ordinary file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_figure(solution, title: str, path: Path) -> None:
-    """Density (top) and score field over log-density (bottom) for each solved time."""
+def figure_png(solution, title: str) -> bytes:
+    """PNG bytes: density (top) and score field over log-density (bottom) for each solved time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,25 +162,110 @@ def save_figure(solution, title: str, path: Path) -> None:
         ax.set_title("log p_t and score direction")
     fig.suptitle(title)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=90, format="png")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def check_grid(data_bounds, box, n: int, context: str) -> None:
+    """CLIError unless the data box spans at least ``MIN_DATA_CELLS`` cells of the n-cell box on every axis."""
+    need = 0
+    for (lo, hi), (blo, bhi) in zip(data_bounds, box):
+        need = max(need, math.ceil(MIN_DATA_CELLS * (bhi - blo) / (hi - lo)))
+    if n >= need:
+        return
+    (blo, bhi), (lo, hi) = box[0], data_bounds[0]
+    fix = f"use --grid >= {need}" if need <= GRID_RANGE[1] else "use earlier --times or another --sde"
+    raise CLIError(
+        f"--grid {n} is too coarse for {context}: the box [{blo:.4g}, {bhi:.4g}] makes cells "
+        f"{(bhi - blo) / n:.3g} wide, and the data box [{lo:.3g}, {hi:.3g}] must span at least {MIN_DATA_CELLS} "
+        f"cells per axis for p_0 to be sampled; {fix}"
+    )
+
+
+def check_method(method, sde, times) -> None:
+    """CLIError when the solver cannot take this SDE (e.g. the separable propagator and sub-VP)."""
+    from fpe_lab.groundtruth import Method
+    from fpe_lab.groundtruth.propagator import time_change
+
+    if method is Method.SEPARABLE:
+        try:
+            time_change(sde, float(times[-1]))
+        except ValueError:
+            raise CLIError(
+                f"--method separable cannot solve {type(sde).__name__}: it needs a drift that is a constant multiple "
+                "of ½g²·x (VE, VP; not sub-VP); use --method convolution, finite_volume or log_density"
+            ) from None
+
+
+def output_paths(out: Path) -> tuple[Path, Path]:
+    return out / NPZ_NAME, out / PNG_NAME
+
+
+def check_outputs(out: Path, overwrite: bool) -> None:
+    """Before any work: ``out`` can become a writable folder, and no output exists unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise EnvironmentFailure(f"--out {out} is a file, not a folder: pass a folder path (it receives {NPZ_NAME}"
+                                 f" and {PNG_NAME})")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise EnvironmentFailure(f"--out {out}: {anc} is a file, not a folder; choose an --out inside a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise EnvironmentFailure(f"--out {out}: cannot write in {anc} (permission denied); choose a writable folder "
+                                 "or change its permissions")
+    if not overwrite:
+        for path in output_paths(out):
+            if path.exists() or path.is_symlink():
+                raise CLIError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        atomic_write_bytes(path, data)
+        os.chmod(path, 0o644)  # the temp file was created 0600; give the result ordinary file permissions
+    except OSError as e:
+        raise EnvironmentFailure(f"cannot write {path}: {e.strerror or e}; check the folder's permissions and "
+                                 "free space, or choose another --out") from None
+    log.info("wrote %s", path)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except EnvironmentFailure as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except MemoryError:
+        sys.stderr.write(f"error: out of memory for a {args.grid}² grid at {len(args.times)} times; use a smaller "
+                         "--grid or fewer --times, or free memory\n")
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from fpe_lab.data.toy import toy_distribution
     from fpe_lab.groundtruth import Grid, Method, SolverBreakdown, solve_fokker_planck
 
+    # 1. every input check, before any output is touched or any solve starts
     times = list(args.times)
     if any(b <= a for a, b in zip(times[:-1], times[1:])):
         raise CLIError(f"--times must be strictly increasing; got {times}")
     data = toy_distribution(args.data)
     sde = _sde(args.sde)
-    out = args.out if args.out is not None else Path("runs") / f"groundtruth_{args.data}_{args.sde}_{args.grid}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    grid = Grid(box_for(data.bounds, sde, times), (args.grid, args.grid))
-    log.info("%s on %s, %d² cells, %s", data, grid.bounds, args.grid, sde)
     method = _method(args.method)
+    box = box_for(data.bounds, sde, times)
+    check_grid(data.bounds, box, args.grid, f"--data {args.data} --sde {args.sde} up to t = {times[-1]:g}")
+    check_method(method, sde, times)
+    out = args.out if args.out is not None else Path("runs") / f"groundtruth_{args.data}_{args.sde}_{args.grid}"
+    check_outputs(out, args.overwrite)
+
+    # 2. the solve
+    grid = Grid(box, (args.grid, args.grid))
+    log.info("%s on %s, %d² cells, %s", data, grid.bounds, args.grid, sde)
     if method is Method.LOG_DENSITY:
         # the toy set's exact log p0: a density on the grid underflows to 0 in the corners
         coords = torch.as_tensor(grid.coords.reshape(-1, 2), dtype=torch.float64)
@@ -184,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, SolverBreakdown) as e:
         raise CLIError(str(e)) from None
 
+    # 3. both files in memory first, then written atomically
     arrays = dict(
         density=sol.density,
         log_density=sol.log_density,
@@ -197,11 +291,22 @@ def run(args: argparse.Namespace) -> int:
         sde=np.array(str(sde)),
         sde_params=np.array(json.dumps({"class": type(sde).__name__, **dataclasses.asdict(sde)})),
     )
-    npz = out.with_suffix(".npz")
-    _atomic(npz, lambda tmp: np.savez_compressed(tmp, **arrays))
-    log.info("wrote %s", npz)
-    if not args.no_figure:
-        png = out.with_suffix(".png")
-        save_figure(sol, f"{args.data}, {args.sde}, {args.grid}², {sol.method.value}", png)
-        log.info("wrote %s", png)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    png = None if args.no_figure else figure_png(sol, f"{args.data}, {args.sde}, {args.grid}², {sol.method.value}")
+    check_outputs(out, args.overwrite)  # again: something may have appeared during the solve
+    npz_path, png_path = output_paths(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EnvironmentFailure(f"cannot create the folder --out {out}: {e.strerror or e}") from None
+    _write(npz_path, buf.getvalue())
+    if png is not None:
+        _write(png_path, png)
+    elif png_path.exists() or png_path.is_symlink():  # only reachable with --overwrite
+        try:
+            png_path.unlink()
+        except OSError as e:
+            raise EnvironmentFailure(f"cannot remove the old {png_path}: {e.strerror or e}") from None
+        log.info("removed the old %s (--no-figure)", png_path)
     return 0

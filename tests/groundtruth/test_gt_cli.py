@@ -1,31 +1,52 @@
-"""Smoke test of ``python -m fpe_lab.run groundtruth`` on a tiny grid."""
+"""``python -m fpe_lab.run groundtruth`` on tiny grids: outputs, refusal to overwrite, the error contract."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 
 from fpe_lab import run
+from fpe_lab.commands import groundtruth as gt_cli
 from fpe_lab.groundtruth import BoundaryWarning, ResolutionWarning
 
 
 def _main(argv):
+    """``run.main`` with exit codes from argparse (SystemExit) returned like the handler's."""
     with warnings.catch_warnings():
         # a 24² grid does not resolve the checkerboard; the warnings are the point of other tests
         warnings.simplefilter("ignore", ResolutionWarning)
         warnings.simplefilter("ignore", BoundaryWarning)
-        return run.main(argv)
+        try:
+            return run.main(argv)
+        except SystemExit as e:
+            return e.code
 
 
-def test_cli_writes_npz_and_figure(tmp_path):
-    out = tmp_path / "gt"
+def _error_lines(capsys) -> list[str]:
+    """The ``error:`` lines on stderr (tqdm progress bars share stderr when the solve ran)."""
+    return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+def _small(out, *extra):
+    return ["groundtruth", "--data", "gmm", "--grid", "16", "--times", "0.5", "--out", str(out), *extra]
+
+
+def test_cli_writes_solution_and_figure_into_the_folder(tmp_path):
+    # unrelated files whose names the old suffix-swapping scheme derived from --out run.v2
+    for name in ("run.npz", "run.png"):
+        (tmp_path / name).write_text("keep me")
+    out = tmp_path / "run.v2"
     argv = ["groundtruth", "--data", "checkerboard", "--sde", "vp", "--grid", "24", "--times", "0.1", "0.5", "1",
             "--out", str(out)]
     assert _main(argv) == 0
-    with np.load(out.with_suffix(".npz")) as z:
+    with np.load(out / "solution.npz") as z:
         assert z["density"].shape == (3, 24, 24)
         assert z["log_density"].shape == (3, 24, 24)
         assert z["score"].shape == (3, 24, 24, 2)
@@ -39,20 +60,130 @@ def test_cli_writes_npz_and_figure(tmp_path):
         # t = 0.1: kernel narrower than 2 cells; cells below its round-off are marked, not made up
         marked = ~np.isfinite(z["score"][0]).all(-1)
         assert np.all(np.isneginf(z["log_density"][0][marked]))
-    assert out.with_suffix(".png").stat().st_size > 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gt.npz", "gt.png"]  # no temp files left
+    assert (out / "solution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["solution.npz", "solution.png"]  # no temp files left
+    assert (out / "solution.npz").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.npz", "run.png", "run.v2"]
+    assert (tmp_path / "run.npz").read_text() == (tmp_path / "run.png").read_text() == "keep me"
 
 
-def test_cli_bad_input_writes_nothing(tmp_path, capsys):
+def test_cli_refuses_existing_outputs_without_overwrite(tmp_path, capsys):
     out = tmp_path / "gt"
-    assert _main(["groundtruth", "--grid", "16", "--times", "0.5", "0.1", "--out", str(out)]) == 2
-    assert "strictly increasing" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:
-        _main(["groundtruth", "--grid", "4", "--out", str(out)])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit):
-        _main(["groundtruth", "--times", "1.5", "--out", str(out)])
+    assert _main(_small(out, "--no-figure")) == 0
+    first = (out / "solution.npz").read_bytes()
+    capsys.readouterr()
+    assert _main(_small(out, "--no-figure")) == 2
+    npz = out / "solution.npz"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {npz} exists; pass --overwrite to replace it, or choose another --out"]
+    assert (out / "solution.npz").read_bytes() == first
+    assert sorted(p.name for p in out.iterdir()) == ["solution.npz"]
+
+    # a figure alone also belongs to a previous solution, even when this run would not write one
+    npz.unlink()
+    (out / "solution.png").write_text("old figure")
+    assert _main(_small(out, "--no-figure")) == 2
+    assert _error_lines(capsys) == [
+        f"error: {out / 'solution.png'} exists; pass --overwrite to replace it, or choose another --out"]
+    assert sorted(p.name for p in out.iterdir()) == ["solution.png"]
+
+    # --overwrite replaces; with --no-figure the old figure goes, so it cannot be taken for the new solution's
+    assert _main(_small(out, "--no-figure", "--overwrite")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["solution.npz"]
+    assert (out / "solution.npz").read_bytes() == first  # same input, same arrays
+    assert _main(["groundtruth", "--data", "gmm", "--grid", "16", "--times", "0.2", "--out", str(out),
+                  "--overwrite"]) == 0
+    with np.load(out / "solution.npz") as z:
+        np.testing.assert_array_equal(z["times"], [0.2])
+    assert sorted(p.name for p in out.iterdir()) == ["solution.npz", "solution.png"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--times", "0.5", "0.1"], "error: --times must be strictly increasing; got [0.5, 0.1]"),
+        (["--grid", "4"], "error: python -m fpe_lab.run groundtruth: argument --grid: expected an integer in [8, 4096]; got 4"),
+        (["--times", "1.5"], "error: python -m fpe_lab.run groundtruth: argument --times: expected a time in [0, 1]; got 1.5"),
+        (["--sde", "ve", "--grid", "8"],
+         "error: --grid 8 is too coarse for --data checkerboard --sde ve up to t = 1: the box [-405.2, 405.2] makes "
+         "cells 101 wide, and the data box [-5.2, 5.2] must span at least 2 cells per axis for p_0 to be sampled; "
+         "use --grid >= 156"),
+        (["--sde", "subvp", "--method", "separable", "--grid", "16"],
+         "error: --method separable cannot solve SubVPSDE: it needs a drift that is a constant multiple of ½g²·x "
+         "(VE, VP; not sub-VP); use --method convolution, finite_volume or log_density"),
+    ],
+    ids=["times-order", "grid-range", "time-range", "grid-too-coarse", "separable-subvp"],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    (tmp_path / "unrelated.npz").write_text("keep me")
+    assert _main(["groundtruth", "--out", str(tmp_path / "gt"), *extra]) == 2
+    assert capsys.readouterr().err.splitlines() == [message]
+    assert [p.name for p in tmp_path.iterdir()] == ["unrelated.npz"]
+
+
+def test_cli_grid_check_admits_the_smallest_grid_it_names(tmp_path):
+    """--grid 156 (the minimum named above for VE) solves; the check does not reject usable grids."""
+    argv = ["groundtruth", "--sde", "ve", "--grid", "156", "--times", "1", "--out", str(tmp_path / "gt"), "--no-figure"]
+    assert _main(argv) == 0
+    with np.load(tmp_path / "gt" / "solution.npz") as z:
+        assert np.isfinite(z["density"]).all() and z["density"].max() > 0
+
+
+def test_cli_bad_input_from_a_shell_is_one_line(tmp_path):
+    """The real entry point: no traceback, no warnings, exactly one stderr line, exit 2."""
+    cmd = [sys.executable, "-m", "fpe_lab.run", "groundtruth", "--sde", "ve", "--grid", "8", "--out", str(tmp_path / "gt")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: --grid 8 is too coarse"), proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_out_under_a_file_or_on_a_file_is_exit_1(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    assert _main(_small(blocker / "sub")) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {blocker / 'sub'}: {blocker} is a file, not a folder; choose an --out inside a folder"]
+    assert _main(_small(blocker)) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {blocker} is a file, not a folder: pass a folder path (it receives solution.npz and solution.png)"]
+    assert blocker.read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["afile"]
+
+
+def test_cli_unwritable_folder_is_exit_1_before_solving(tmp_path, capsys, monkeypatch):
+    import fpe_lab.groundtruth as gt
+
+    def must_not_solve(*args, **kwargs):
+        raise AssertionError("solved although the output folder is unwritable")
+
+    monkeypatch.setattr(gt, "solve_fokker_planck", must_not_solve)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes through chmod 0o500: make os.access answer as for an ordinary user
+        monkeypatch.setattr(gt_cli.os, "access", lambda path, mode: os.fspath(path) != os.fspath(locked))
+    else:
+        locked.chmod(0o500)
+    try:
+        assert _main(_small(locked / "gt")) == 1
+    finally:
+        locked.chmod(0o700)
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --out {locked / 'gt'}: cannot write in {locked} (permission denied); choose a writable folder or "
+        "change its permissions"]
+    assert list(locked.iterdir()) == []
+
+
+def test_cli_disk_full_while_writing_is_exit_1_one_line(tmp_path, capsys, monkeypatch):
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gt_cli, "atomic_write_bytes", full)
+    out = tmp_path / "gt"
+    assert _main(_small(out)) == 1
+    assert _error_lines(capsys) == [
+        f"error: cannot write {out / 'solution.npz'}: No space left on device; check the folder's permissions and "
+        "free space, or choose another --out"]
+    assert list(out.iterdir()) == []
 
 
 def test_cli_failed_solve_writes_nothing(tmp_path, monkeypatch):
@@ -90,7 +221,7 @@ def test_cli_log_density_method_starts_from_the_exact_log_p0(tmp_path):
     argv = ["groundtruth", "--data", "gmm", "--sde", "vp", "--grid", "48", "--times", "0.5", "--method", "log_density",
             "--n-steps", "60", "--out", str(out), "--no-figure"]
     assert _main(argv) == 0
-    with np.load(out.with_suffix(".npz")) as z:
+    with np.load(out / "solution.npz") as z:
         assert str(z["method"]) == "log_density"
         x, y = np.meshgrid(z["x"], z["y"], indexing="ij")
         pts = torch.tensor(np.stack([x.ravel(), y.ravel()], 1))
