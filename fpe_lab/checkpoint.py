@@ -20,6 +20,8 @@ import torch
 __all__ = [
     "CHECKPOINT_NAME",
     "CONFIG_NAME",
+    "SNAPSHOT_DIR",
+    "save_snapshot",
     "ConfigMismatchError",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -32,6 +34,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
+SNAPSHOT_DIR = "snapshots"
 
 
 class ConfigMismatchError(ValueError):
@@ -67,6 +70,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict of state dicts and plain values; got {type(state).__name__}")
     _atomic_write(Path(path), lambda fh: torch.save(state, fh))
+
+
+def save_snapshot(folder: str | os.PathLike, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Atomically write ``folder/step_<step>.pt`` and remove all but the ``keep`` newest snapshots."""
+    folder = Path(folder)
+    folder.mkdir(exist_ok=True)
+    path = folder / f"step_{step:09d}.pt"
+    save_checkpoint(path, state)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep] if keep > 0 else sorted(folder.glob("step_*.pt")):
+        old.unlink(missing_ok=True)
+    return path
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

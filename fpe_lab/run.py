@@ -12,7 +12,7 @@ import sys
 from fpe_lab.commands import CLIError
 
 # The commands, in the order ``--help`` shows them. Add a module here to add a command.
-COMMAND_MODULES: tuple[str, ...] = ("groundtruth", "toy2d", "study", "images")
+COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

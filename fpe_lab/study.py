@@ -1,202 +1,343 @@
-r"""A study: the grid of toy2d runs over regularizer weights λ and seeds, and its summary table.
+r"""A study: a grid of arms (settings of any configuration fields) × seeds, and its paired summary.
 
-Each (λ, seed) is one ordinary toy2d run folder under the study folder (named by
-:func:`fpe_lab.commands.toy2d.run_dir_name`): λ = 0 is plain DSM (``reg=none``), λ > 0 is
-DSM + λ·E w(t)‖R_θ‖². A run whose folder already holds ``metrics.json`` for the same config is
-skipped, an interrupted one (config and checkpoint, no metrics) continues from its checkpoint, so a
-study can be stopped and restarted at any point. The summary gives mean ± std over seeds of the
-headline metrics per λ, as CSV and Markdown.
+Each (arm, seed) is one ordinary run folder under the study folder (:func:`fpe_lab.runs.run_dir`).
+All randomness of a run (initialisation, data order, noise, probes) derives from its seed, so the arms
+of one seed share it and their differences are paired. With ``pretrain_steps`` a first stage trains one
+plain-DSM run per seed, and every arm of that seed starts from its EMA weights (the fine-tuning
+protocol: equal steps for every arm, the DSM-only arm being the control).
+
+A study can be stopped and restarted at any point: finished runs are skipped, interrupted ones resume
+from their checkpoints. ``study.json`` records the plan; a folder holding another plan is refused.
+
+The summary gives per arm and metric the mean over seeds, and the paired difference to the control arm
+(arm − control, per seed) with a 95% t-interval over seeds, marked where the interval excludes zero.
 """
 
 from __future__ import annotations
 
 import csv
+import enum
 import io
+import itertools
 import json
 import logging
 import math
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from scipy import stats
 from tqdm.auto import tqdm
 
-from fpe_lab.checkpoint import CONFIG_NAME, atomic_write_text, read_config
-from fpe_lab.config import Regularizer, Toy2dConfig
+from fpe_lab import runs
+from fpe_lab.checkpoint import atomic_write_text
+from fpe_lab.config import Leaf, RegKind, RunConfig, _strip_optional, leaves
+from fpe_lab.metrics.evaluate import EvalReport
 
-__all__ = [
-    "METRICS_NAME",
-    "SUMMARY_METRICS",
-    "StudyPlan",
-    "RunFn",
-    "is_finished",
-    "run_study",
-    "summarize",
-    "write_summary",
-]
+__all__ = ["Arm", "StudyPlan", "parse_grid", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
+           "PLAN_NAME"]
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.json"
+PLAN_NAME = "study.json"
 
-# (column name, path into metrics.json): the headline numbers of every run.
-SUMMARY_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("fpe_residual", ("mean", "fpe_residual")),
-    ("fpe_residual_rel", ("mean", "fpe_residual_rel")),
-    ("score_error", ("mean", "score_error")),
-    ("score_error_rel", ("mean", "score_error_rel")),
-    ("jacobian_asymmetry_rel", ("mean", "jacobian_asymmetry_rel")),
-    ("curl_abs", ("mean", "curl_abs")),
-    ("nll_model_nats", ("nll", "model_nats")),
-    ("nll_true_nats", ("nll", "true_nats")),
-    ("nll_gap_nats", ("nll", "gap_nats")),
-    ("sw_sde_vs_data", ("samples", "sliced_wasserstein", "sde_vs_data")),
-    ("sw_ode_vs_data", ("samples", "sliced_wasserstein", "ode_vs_data")),
-    ("sw_floor", ("samples", "sliced_wasserstein", "floor")),
-    ("mmd2_sde_vs_data", ("samples", "mmd2", "sde_vs_data")),
-)
 
-RunFn = Callable[[Toy2dConfig, Path], Path]
-"""``run_one(config, out) -> run_dir``: train and evaluate one config in ``out`` (resuming a partial
-run in its folder), e.g. :func:`fpe_lab.commands.toy2d.run_toy2d` with ``resume=True``."""
+# ---------------------------------------------------------------------- arms
+def _leaf_by_name() -> dict[str, Leaf]:
+    """Grid fields by name: the flag with dashes or underscores (``fpe_weighting``, ``fpe-weighting``)."""
+    out = {}
+    for leaf in leaves():
+        out[leaf.flag] = leaf
+        out[leaf.flag.replace("-", "_")] = leaf
+    return out
+
+
+def _parse_value(leaf: Leaf, text: str) -> Any:
+    kind, optional = _strip_optional(leaf.kind)
+    if optional and text.lower() == "none":
+        return None
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--grid {leaf.flag}: {text!r} is not one of {[m.value for m in kind]}") from None
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--grid {leaf.flag}: {text!r} is not true or false")
+        return text.lower() == "true"
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"--grid {leaf.flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    raise ValueError(f"--grid {leaf.flag}: this field cannot be swept")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting of the swept fields: ``changes`` maps config paths to values; ``name`` reads ``k=v …``."""
+
+    name: str
+    changes: tuple[tuple[tuple[str, ...], Any], ...]
+
+    def apply(self, base: RunConfig) -> RunConfig:
+        return base.override(dict(self.changes))
+
+
+def parse_grid(items: Sequence[str]) -> list[Arm]:
+    """``["reg=none,fpe", "lam=0.01,0.1"]`` → the cartesian product of the values, as arms (in order).
+
+    ValueError for an unknown field, a bad value or a repeated field."""
+    by_name = _leaf_by_name()
+    axes: list[tuple[Leaf, list[tuple[str, Any]]]] = []
+    seen: set[tuple[str, ...]] = set()
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+        leaf = by_name.get(name)
+        if leaf is None:
+            raise ValueError(f"--grid {name!r} is not a configuration field; fields: "
+                             f"{sorted({leaf.flag.replace('-', '_') for leaf in leaves()})}")
+        if leaf.path in seen:
+            raise ValueError(f"--grid names {name!r} twice")
+        seen.add(leaf.path)
+        vals = [v.strip() for v in values.split(",")]
+        if len(set(vals)) != len(vals) or "" in vals:
+            raise ValueError(f"--grid {item!r}: values must be distinct and nonempty")
+        axes.append((leaf, [(v, _parse_value(leaf, v)) for v in vals]))
+    arms = []
+    for combo in itertools.product(*(vals for _, vals in axes)):
+        name = " ".join(f"{leaf.flag.replace('-', '_')}={text}" for (leaf, _), (text, _) in zip(axes, combo))
+        arms.append(Arm(name or "base", tuple((leaf.path, v) for (leaf, _), (_, v) in zip(axes, combo))))
+    return arms
 
 
 @dataclass(frozen=True)
 class StudyPlan:
-    """The grid λ × seeds around a base config (all other settings shared).
+    """Arms × seeds around a base configuration (all other settings shared).
 
     Args:
-        base: the toy2d config whose data, SDE, steps, ... every run uses.
-        lams: regularizer weights, each >= 0, no repeats (0 = plain DSM).
+        base: the configuration every run starts from (data, SDE, steps, ...).
+        arms: the swept settings; arms that resolve to the same configuration are merged (e.g. reg=none
+            with any lam), keeping the first name. The first arm is the control of the paired summary.
         seeds: seeds, each >= 0, no repeats.
+        pretrain_steps: None, or the steps of a plain-DSM pre-training run per seed from which every arm
+            fine-tunes (its EMA weights, a fresh optimizer).
     """
 
-    base: Toy2dConfig
-    lams: tuple[float, ...]
+    base: RunConfig
+    arms: tuple[Arm, ...]
     seeds: tuple[int, ...]
+    pretrain_steps: int | None = None
 
     def __post_init__(self) -> None:
-        lams, seeds = tuple(self.lams), tuple(self.seeds)
-        if not lams or any(not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0) for v in lams):
-            raise ValueError(f"lams must be a nonempty list of finite numbers >= 0; got {list(lams)!r}")
-        if len(set(lams)) != len(lams):
-            raise ValueError(f"lams must not repeat a value; got {list(lams)!r}")
+        if not self.arms:
+            raise ValueError("a study needs at least one arm")
+        seeds = tuple(self.seeds)
         if not seeds or any(not (isinstance(s, int) and not isinstance(s, bool) and s >= 0) for s in seeds):
             raise ValueError(f"seeds must be a nonempty list of ints >= 0; got {list(seeds)!r}")
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must not repeat a value; got {list(seeds)!r}")
-        object.__setattr__(self, "lams", tuple(float(v) for v in lams))
+        if self.pretrain_steps is not None and not (isinstance(self.pretrain_steps, int) and self.pretrain_steps >= 1):
+            raise ValueError(f"pretrain_steps must be None or an int >= 1; got {self.pretrain_steps!r}")
+        unique: dict[str, Arm] = {}
+        for arm in self.arms:
+            key = arm.apply(self.base).fingerprint()  # validates every arm up front
+            unique.setdefault(key, arm)
+        object.__setattr__(self, "arms", tuple(unique.values()))
         object.__setattr__(self, "seeds", seeds)
 
-    def configs(self) -> list[Toy2dConfig]:
-        """One config per (λ, seed), λ-major: reg=none for λ = 0 (its ``lam`` is kept but unused)."""
-        out = []
-        for lam in self.lams:
-            reg = Regularizer.NONE if lam == 0 else Regularizer.FPE
-            for seed in self.seeds:
-                out.append(self.base.replace(reg=reg, lam=lam if lam > 0 else self.base.lam, seed=seed))
-        return out
+    def pretrain_config(self, seed: int) -> RunConfig:
+        base = self.base.override({("seed",): seed, ("loss", "reg", "kind"): RegKind.NONE,
+                                   ("optim", "steps"): self.pretrain_steps, ("optim", "init_from"): None})
+        return base
+
+    def config(self, arm: Arm, seed: int, out: Path) -> RunConfig:
+        c = arm.apply(self.base).override({("seed",): seed})
+        if self.pretrain_steps is not None:
+            c = c.override({("optim", "init_from"): str(runs.run_dir(self.pretrain_config(seed), out / "pretrain"))})
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
+                "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
+                                                       for p, v in a.changes]} for a in self.arms]}
 
 
-def is_finished(run_dir: Path, config: Toy2dConfig) -> bool:
-    """True if ``run_dir`` holds metrics.json and the same config (then the run is skipped).
+# ---------------------------------------------------------------------- running
+def _train_one(config_json: str, out: str) -> str:
+    """Train and evaluate one run (resuming it); in a worker process, quietly."""
+    config = RunConfig.from_json(config_json)
+    return str(runs.train(config, Path(out), resume=True, progress=False).path)
 
-    A folder holding another config is an error (ValueError naming it), never silently reused."""
-    if not (run_dir / CONFIG_NAME).is_file():
+
+def _check_plan(plan: StudyPlan, out: Path) -> None:
+    path = out / PLAN_NAME
+    want = plan.to_dict()
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); move the study folder away") from None
+        if saved != want:
+            keys = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            raise ValueError(f"study folder {out} holds another study (differs in {keys}); use another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(want, indent=2) + "\n")
+
+
+def _finished(folder: Path) -> bool:
+    try:
+        return (folder / "config.json").is_file() and runs.load(folder).is_finished
+    except (ValueError, OSError):
         return False
-    saved = read_config(run_dir)
-    if saved != config.to_dict():
-        diff = sorted(k for k in set(saved) | set(config.to_dict()) if saved.get(k) != config.to_dict().get(k))
-        raise ValueError(f"run folder {run_dir} holds a different config (keys {diff}); move it away or use another --out")
-    return (run_dir / METRICS_NAME).is_file()
 
 
-def run_study(plan: StudyPlan, out: Path, run_one: RunFn, run_dir_name: Callable[[Toy2dConfig], str],
-              progress: bool = True) -> list[Path]:
-    """Run every (λ, seed) of ``plan`` under ``out`` that is not finished; returns all run folders.
+def run_study(plan: StudyPlan, out: str | Path, jobs: int = 1, progress: bool = True,
+              submit: Callable[[Callable[..., str], list[tuple[str, str]]], list[str]] | None = None) -> list[Path]:
+    """Run every unfinished run of ``plan`` under ``out`` (pre-training stage first); returns the arm
+    run folders in (arm, seed) order.
 
-    One progress bar over the runs (skipped runs count as done at once); the runs themselves are
-    quiet. ``run_dir_name(config)`` must be the folder name ``run_one`` uses.
+    ``jobs`` local worker processes (1: in this process); ``submit(fn, [(config_json, out), ...])``
+    replaces both (e.g. a submitit executor, see :mod:`fpe_lab.commands.study`).
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out must be a folder; {out} is a file")
-    configs = plan.configs()
-    dirs = [out / run_dir_name(c) for c in configs]
-    if len(set(dirs)) != len(dirs):
-        raise ValueError("two runs of the study map to the same folder; run_dir_name must include λ and seed")
-    todo = [(c, d) for c, d in zip(configs, dirs) if not is_finished(d, c)]
-    log.info("study: %d runs, %d finished, %d to do, in %s", len(configs), len(configs) - len(todo), len(todo), out)
-    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="study", disable=not progress,
-               dynamic_ncols=True)
+        raise ValueError(f"--out {out} is a file; it must be a folder")
+    _check_plan(plan, out)
+    stages: list[list[tuple[RunConfig, Path]]] = []
+    if plan.pretrain_steps is not None:
+        stages.append([(c, out / "pretrain") for c in (plan.pretrain_config(s) for s in plan.seeds)])
+    arm_runs = [(plan.config(a, s, out), out) for a in plan.arms for s in plan.seeds]
+    stages.append(arm_runs)
+    total = sum(len(s) for s in stages)
+    bar = tqdm(total=total, desc="study", disable=not progress, dynamic_ncols=True)
     try:
-        for config, run_dir in todo:
-            bar.set_postfix_str(f"λ={config.lam if config.reg is Regularizer.FPE else 0:g} seed={config.seed}")
-            got = Path(run_one(config, out))
-            if got.resolve() != run_dir.resolve():
-                raise ValueError(f"run_one wrote {got}, expected {run_dir}")
-            bar.update(1)
+        for stage in stages:
+            todo = [(c.to_json(), str(o)) for c, o in stage if not _finished(runs.run_dir(c, o))]
+            bar.update(len(stage) - len(todo))
+            if submit is not None:
+                submit(_train_one, todo)
+                bar.update(len(todo))
+            elif jobs == 1:
+                for c, o in todo:
+                    _train_one(c, o)
+                    bar.update(1)
+            else:
+                with ProcessPoolExecutor(max_workers=jobs) as pool:
+                    for _ in pool.map(_train_one, *zip(*todo)) if todo else []:
+                        bar.update(1)
     finally:
         bar.close()
-    return dirs
+    return [runs.run_dir(c, o) for c, o in arm_runs]
 
 
-def _lookup(metrics: dict, path: tuple[str, ...]) -> float | None:
-    v = metrics
-    for key in path:
-        if not isinstance(v, dict) or key not in v:
-            return None
-        v = v[key]
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+# ---------------------------------------------------------------------- summary
+def _at_smallest_t(values: tuple[float, ...] | None, times: tuple[float, ...]) -> float | None:
+    return None if values is None else values[times.index(min(times))]
 
 
-def summarize(run_dirs: Sequence[Path]) -> list[dict]:
-    """Mean and sample std over seeds per λ of :data:`SUMMARY_METRICS`.
+def _step_time(folder: Path) -> float | None:
+    hist = runs.read_history(folder)
+    if len(hist) < 2:
+        return None
+    return (hist[-1]["wall_s"] - hist[0]["wall_s"]) / (len(hist) - 1)
 
-    Returns rows {"lam", "n_runs", "<metric>_mean", "<metric>_std", ...} sorted by λ (λ = 0 is DSM);
-    a metric absent from a run (e.g. NLL disabled) is left out of its mean; std is NaN-free: 0 for one run.
-    """
-    groups: dict[float, list[dict]] = {}
-    for d in run_dirs:
-        d = Path(d)
-        cfg = Toy2dConfig.from_dict(read_config(d))
-        path = d / METRICS_NAME
-        if not path.is_file():
-            raise ValueError(f"run folder {d} is not finished: no {METRICS_NAME}")
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-        lam = 0.0 if cfg.reg is Regularizer.NONE else float(cfg.lam)
-        groups.setdefault(lam, []).append(metrics)
+
+SUMMARY_METRICS: tuple[tuple[str, Callable[[EvalReport], float | None]], ...] = (
+    ("fpe_residual_rel", lambda r: r.mean["fpe_residual_rel"]),
+    ("fpe_residual_small_t", lambda r: _at_smallest_t(r.per_time.fpe_residual, r.times)),
+    ("score_error_rel", lambda r: r.mean.get("score_error_rel")),
+    ("score_error_small_t", lambda r: _at_smallest_t(r.per_time.score_error, r.times)),
+    ("jacobian_asymmetry_rel", lambda r: r.mean["jacobian_asymmetry_rel"]),
+    ("curl_abs", lambda r: r.mean.get("curl_abs")),
+    ("dsm", lambda r: r.mean["dsm"]),
+    ("nll_gap_nats", lambda r: r.nll.gap_nats if r.nll is not None else None),
+    ("bits_per_dim", lambda r: r.nll.model_bits_per_dim if r.nll is not None and r.nll.true_nats is None else None),
+    ("sw_sde_vs_data", lambda r: r.samples.sliced_wasserstein.sde_vs_data if r.samples else None),
+    ("sw_ode_vs_data", lambda r: r.samples.sliced_wasserstein.ode_vs_data if r.samples else None),
+    ("mmd2_sde_vs_data", lambda r: r.samples.mmd2.sde_vs_data if r.samples else None),
+)
+"""(column, getter on the EvalReport): the metrics of the summary; lower is better for each."""
+
+
+def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
+    """Per arm: mean over seeds of each metric (and step time), and the paired difference to the control
+    (the first arm): mean, 95% t-interval over seeds, and whether it excludes zero.
+
+    ValueError naming the run folder that is unfinished or whose metrics.json cannot be read."""
+    out = Path(out)
+    values: dict[str, dict[int, dict[str, float]]] = {}
+    for arm in plan.arms:
+        per_seed: dict[int, dict[str, float]] = {}
+        for seed in plan.seeds:
+            folder = runs.run_dir(plan.config(arm, seed, out), out)
+            run = runs.load(folder)
+            report = run.report
+            if report is None or not run.is_finished:
+                raise ValueError(f"run folder {folder} is not finished (steps done {run.steps_done} of "
+                                 f"{run.config.optim.steps}, metrics {'present' if report else 'missing'})")
+            row = {name: get(report) for name, get in SUMMARY_METRICS}
+            row["step_time_s"] = _step_time(folder)
+            per_seed[seed] = {k: v for k, v in row.items() if v is not None}
+        values[arm.name] = per_seed
+    control = plan.arms[0].name
+    names = [n for n, _ in SUMMARY_METRICS] + ["step_time_s"]
     rows = []
-    for lam in sorted(groups):
-        row: dict = {"lam": lam, "n_runs": len(groups[lam])}
-        for name, path in SUMMARY_METRICS:
-            vals = [v for v in (_lookup(m, path) for m in groups[lam]) if v is not None]
+    for arm in plan.arms:
+        row: dict[str, Any] = {"arm": arm.name, "n_seeds": len(plan.seeds)}
+        for name in names:
+            vals = [values[arm.name][s][name] for s in plan.seeds if name in values[arm.name][s]]
             if not vals:
                 continue
-            mean = sum(vals) / len(vals)
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            row[f"{name}_mean"], row[f"{name}_std"], row[f"{name}_n"] = mean, std, len(vals)
+            row[f"{name}_mean"] = sum(vals) / len(vals)
+            if arm.name == control or name == "step_time_s":
+                continue
+            diffs = [values[arm.name][s][name] - values[control][s][name] for s in plan.seeds
+                     if name in values[arm.name][s] and name in values[control][s]]
+            n = len(diffs)
+            mean = sum(diffs) / n
+            if n > 1:
+                sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+                half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+            else:
+                half = math.inf
+            row[f"{name}_diff"], row[f"{name}_lo"], row[f"{name}_hi"] = mean, mean - half, mean + half
+            row[f"{name}_sig"] = n > 1 and (mean - half > 0 or mean + half < 0)
         rows.append(row)
     return rows
 
 
-def write_summary(rows: list[dict], out: Path, stem: str = "summary") -> tuple[Path, Path]:
-    """Write ``out/stem.csv`` (one column per mean and std) and ``out/stem.md`` (mean ± std), atomically."""
-    names = [name for name, _ in SUMMARY_METRICS if any(f"{name}_mean" in r for r in rows)]
-    header = ["lam", "method", "n_runs"] + [f"{n}_{k}" for n in names for k in ("mean", "std")]
+def write_summary(rows: list[dict[str, Any]], out: str | Path, stem: str = "summary") -> tuple[Path, Path]:
+    """``out/stem.csv`` (every number) and ``out/stem.md`` (mean, and paired difference [95% CI] with a
+    * where the interval excludes zero), written atomically."""
+    out = Path(out)
+    names = [n for n, _ in SUMMARY_METRICS] + ["step_time_s"]
+    names = [n for n in names if any(f"{n}_mean" in r for r in rows)]
+    cols = ["arm", "n_seeds"] + [f"{n}_{k}" for n in names for k in ("mean", "diff", "lo", "hi", "sig")]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
+    w.writerow(cols)
     for r in rows:
-        method = "DSM" if r["lam"] == 0 else "DSM+FPE"
-        w.writerow([f"{r['lam']:g}", method, r["n_runs"]]
-                   + [f"{r[f'{n}_{k}']:.6g}" if f"{n}_{k}" in r else "" for n in names for k in ("mean", "std")])
-    csv_path, md_path = Path(out) / f"{stem}.csv", Path(out) / f"{stem}.md"
+        w.writerow([r.get(c, "") if not isinstance(r.get(c), float) else f"{r[c]:.6g}" for c in cols])
+    csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     atomic_write_text(csv_path, buf.getvalue())
-    lines = ["| λ | method | runs | " + " | ".join(names) + " |", "|---" * (3 + len(names)) + "|"]
+    lines = ["| arm | seeds | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
     for r in rows:
-        cells = [f"{r[f'{n}_mean']:.4g} ± {r[f'{n}_std']:.2g}" if f"{n}_mean" in r else "—" for n in names]
-        lines.append(f"| {r['lam']:g} | {'DSM' if r['lam'] == 0 else 'DSM+FPE'} | {r['n_runs']} | " + " | ".join(cells) + " |")
-    atomic_write_text(md_path, "\n".join(lines) + "\n\nmean ± sample std over seeds; lower is better for every column "
-                      "except nll_true_nats (the truth) and sw_floor (the distance of two exact sample sets).\n")
+        cells = []
+        for n in names:
+            if f"{n}_mean" not in r:
+                cells.append("—")
+            elif f"{n}_diff" in r:
+                mark = " *" if r[f"{n}_sig"] else ""
+                cells.append(f"{r[f'{n}_mean']:.4g} (Δ {r[f'{n}_diff']:+.3g} [{r[f'{n}_lo']:+.3g}, {r[f'{n}_hi']:+.3g}]{mark})")
+            else:
+                cells.append(f"{r[f'{n}_mean']:.4g}")
+        lines.append(f"| {r['arm']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
+    note = (f"\nMean over seeds; Δ: paired difference to the control arm `{rows[0]['arm']}` (same seeds), with its "
+            "95% t-interval over seeds; * where the interval excludes zero. Lower is better for every column.\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n" + note)
     return csv_path, md_path

@@ -11,6 +11,10 @@ history, so that killing a run and resuming it gives the same weights as an unin
 
 A non-finite loss or gradient stops training before the optimizer step: nothing is updated and
 no checkpoint is written, so the last checkpoint on disk is the last good state.
+
+A run grows: resuming a checkpoint at step k with ``steps`` N > k continues to N, and the result equals
+an uninterrupted N-step run bitwise (nothing in the loop depends on N). SIGINT and SIGTERM finish the
+current step, write a checkpoint at it and raise :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +33,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from fpe_lab.checkpoint import CHECKPOINT_NAME, SNAPSHOT_DIR, load_checkpoint, save_checkpoint, save_snapshot
 from fpe_lab.losses import LossTerms
 
-__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "BatchSampler", "LossFn", "train", "ema_update", "ema_decay_at"]
+__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "StepRecord", "BatchSampler", "LossFn", "train", "ema_update", "ema_decay_at"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,22 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced a non-finite loss or gradient; the message says where and what is kept."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint at ``step`` was written (when there is a run folder).
+
+    ``exit_code`` is the shell convention 128 + signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, step: int, signum: int, saved: bool) -> None:
+        self.step, self.signum, self.saved = step, signum, saved
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: " + ("checkpoint written" if saved else "nothing saved (no run folder)"))
+
+
+StepRecord = dict
+"""One line of ``metrics.jsonl``: {"step", "loss", "dsm", "fpe", "lr", "grad_norm", "wall_s"}."""
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Optimisation settings.
@@ -54,7 +76,9 @@ class TrainOptions:
         lr: Adam learning rate.
         ema_decay: EMA of the weights, ema ← d·ema + (1 − d)·θ after every step, d = ``ema_decay_at``.
         seed: seeds the data and noise generators (and nothing global).
-        ckpt_every: write a checkpoint every this many steps (and at the end).
+        ckpt_every: write a checkpoint every this many steps (and at the end), and a numbered snapshot
+            ``snapshots/step_<k>.pt`` beside it.
+        keep: numbered snapshots kept (the oldest are removed; 0: none).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         progress: show a tqdm bar with the DSM and FPE losses.
     """
@@ -64,6 +88,7 @@ class TrainOptions:
     ema_decay: float = 0.999
     seed: int = 0
     ckpt_every: int = 500
+    keep: int = 3
     grad_clip: float | None = None
     progress: bool = True
 
@@ -71,6 +96,8 @@ class TrainOptions:
         for name, v in (("steps", self.steps), ("ckpt_every", self.ckpt_every)):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        if not (isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 0):
+            raise ValueError(f"keep must be an int >= 0; got {self.keep!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise ValueError(f"seed must be an int >= 0; got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -151,23 +178,26 @@ def train(
     device: torch.device | str = "cpu",
     run_dir: str | Path | None = None,
     resume: bool = False,
-    callback: Callable[[int, LossTerms], None] | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``options.steps`` steps; returns it with its EMA copy.
+    """Train ``model`` in place up to ``options.steps`` steps; returns it with its EMA copy.
 
     Args:
         model: the score model, e.g. ``ScoreModel(TimeMLP(...), sde)``; moved to ``device``.
         loss_fn: ``loss_fn(model, x0, generator) -> LossTerms``; generator is the noise generator.
         sample_batch: ``sample_batch(generator) -> x0``, generator the CPU data generator.
-        options: steps, lr, EMA, seed, checkpoint interval.
+        options: steps, lr, EMA, seed, checkpoint interval and snapshots kept.
         device: training device.
-        run_dir: folder for ``checkpoint.pt`` (None: no checkpoints). Must exist.
-        resume: continue from ``run_dir/checkpoint.pt`` (model, EMA, optimizer, step, RNG states).
-        callback: called as ``callback(step, terms)`` after every completed step (logging, tests).
+        run_dir: folder for ``checkpoint.pt`` and ``snapshots/`` (None: no checkpoints). Must exist.
+        resume: continue from ``run_dir/checkpoint.pt`` (model, EMA, optimizer, step, RNG states);
+            its step may be below ``options.steps`` (an interrupted run, or a finished run grown).
+        on_step: called after every completed step with its :data:`StepRecord` (``metrics.jsonl``).
 
     Raises:
         NonFiniteLossError: non-finite loss or gradient; raised before the update, so the model
             and the checkpoint on disk keep the last good state.
+        TrainingInterrupted: SIGINT/SIGTERM (handled only when called from the main thread); the
+            checkpoint at the step reached is written first.
     """
     device = torch.device(device)
     model.to(device)
@@ -184,31 +214,35 @@ def train(
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in {run_dir}")
         state = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(gens, state["rng"])
-        step = int(state["step"])
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            _set_rng_state(gens, state["rng"])
+            step = int(state["step"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"checkpoint {ckpt_path} does not fit this model: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}") from None
         if step > options.steps:
             raise ValueError(f"checkpoint in {run_dir} is at step {step}, beyond steps={options.steps}")
         history[:step] = state["history"][:step]
         resumed_from = step
         log.info("resumed from %s at step %d", ckpt_path, step)
 
-    def save() -> None:
+    def save(snapshot: bool) -> None:
         if ckpt_path is None:
             return
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "rng": _rng_state(gens),
-                "history": history[:step].clone(),
-            },
-        )
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "rng": _rng_state(gens),
+            "history": history[:step].clone(),
+        }
+        save_checkpoint(ckpt_path, state)
+        if snapshot and options.keep > 0:
+            save_snapshot(ckpt_path.parent / SNAPSHOT_DIR, step, state, keep=options.keep)
 
     def last_good() -> str:
         if ckpt_path is not None and ckpt_path.is_file():
@@ -220,42 +254,66 @@ def train(
     start = time.perf_counter()
     bar = tqdm(total=options.steps, initial=step, disable=not options.progress, desc="train", dynamic_ncols=True)
     smooth: dict[str, float] = {}
-    try:
-        while step < options.steps:
-            x0 = sample_batch(gens["data"]).to(device=device, dtype=next(model.parameters()).dtype)
-            terms = loss_fn(model, x0, gens["noise"])
-            if not terms.is_finite():
+    with _catch_signals() as caught:
+        try:
+            while step < options.steps:
+                x0 = sample_batch(gens["data"]).to(device=device, dtype=next(model.parameters()).dtype)
+                terms = loss_fn(model, x0, gens["noise"])
+                if not terms.is_finite():
+                    vals = terms.floats()
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} (dsm={vals['dsm']:.4g}, fpe={vals['fpe']:.4g}); "
+                        f"training stopped, {last_good()}; try a smaller learning rate or lam"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                terms.total.backward()
+                gnorm = _grad_norm(params, options.grad_clip)
+                if not torch.isfinite(gnorm):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient at step {step + 1} (loss {float(terms.total):.4g}); "
+                        f"training stopped, {last_good()}; try a smaller learning rate or lam"
+                    )
+                optimizer.step()
+                ema_update(ema, model, ema_decay_at(step, options.ema_decay))
                 vals = terms.floats()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step + 1} (dsm={vals['dsm']:.4g}, fpe={vals['fpe']:.4g}); "
-                    f"training stopped, {last_good()}; try a smaller learning rate or lam"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            gnorm = _grad_norm(params, options.grad_clip)
-            if not torch.isfinite(gnorm):
-                raise NonFiniteLossError(
-                    f"non-finite gradient at step {step + 1} (loss {float(terms.total):.4g}); "
-                    f"training stopped, {last_good()}; try a smaller learning rate or lam"
-                )
-            optimizer.step()
-            ema_update(ema, model, ema_decay_at(step, options.ema_decay))
-            vals = terms.floats()
-            history[step] = torch.tensor([vals["total"], vals["dsm"], vals["fpe"]], dtype=torch.float64)
-            step += 1
-            if step % options.ckpt_every == 0 or step == options.steps:
-                save()
-            if callback is not None:
-                callback(step, terms)
-            if options.progress:
-                for k in ("dsm", "fpe"):
-                    smooth[k] = vals[k] if k not in smooth else 0.95 * smooth[k] + 0.05 * vals[k]
-                bar.update(1)
-                if step % 10 == 0 or step == options.steps:
-                    bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", fpe=f"{smooth['fpe']:.4g}", refresh=False)
-    finally:
-        bar.close()
+                history[step] = torch.tensor([vals["total"], vals["dsm"], vals["fpe"]], dtype=torch.float64)
+                step += 1
+                periodic = step % options.ckpt_every == 0
+                if periodic or step == options.steps:
+                    save(snapshot=periodic)
+                if on_step is not None:
+                    on_step({"step": step, "loss": vals["total"], "dsm": vals["dsm"], "fpe": vals["fpe"],
+                             "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gnorm),
+                             "wall_s": time.perf_counter() - start})
+                if options.progress:
+                    for k in ("dsm", "fpe"):
+                        smooth[k] = vals[k] if k not in smooth else 0.95 * smooth[k] + 0.05 * vals[k]
+                    bar.update(1)
+                    if step % 10 == 0 or step == options.steps:
+                        bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", fpe=f"{smooth['fpe']:.4g}", refresh=False)
+                if caught and step < options.steps:
+                    save(snapshot=False)
+                    raise TrainingInterrupted(step, caught[0], saved=ckpt_path is not None)
+        finally:
+            bar.close()
     model.eval()
     ema.eval()
     return TrainResult(model=model, ema=ema, step=step, history=history, wall_s=time.perf_counter() - start,
                        resumed_from=resumed_from)
+
+
+class _catch_signals:
+    """Within the block, SIGINT and SIGTERM are recorded (the list holds their numbers) instead of
+    raising at once, so the loop can finish its step and save. Outside the main thread: no-op."""
+
+    def __enter__(self) -> list[int]:
+        self.caught: list[int] = []
+        self.previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, lambda signum, frame: self.caught.append(signum))
+        return self.caught
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

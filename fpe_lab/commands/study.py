@@ -1,10 +1,12 @@
-"""``python -m fpe_lab.run study toy2d --lam 0 0.01 0.1 1 --seeds 3 [toy2d flags]``: the λ × seed grid.
+"""``python -m fpe_lab.run study toy2d --grid reg=none,fpe lam=0.01,0.1,1 --seeds 5 [toy2d flags]``.
 
-Trains and evaluates one toy2d run folder per (λ, seed) under --out (λ = 0: plain DSM), skipping
-finished runs and continuing interrupted ones, with one progress bar over the runs, then writes
-``summary.csv`` and ``summary.md`` (mean ± std over seeds per λ) into --out. Every toy2d flag
-(--data, --sde, --steps, --batch, --lr, --device) passes through; --seed is the first seed.
-Make the figures with ``python -m fpe_lab.figures OUT/*/ --out figures/``.
+The cartesian product of ``--grid`` (FIELD=V1,V2,… with FIELD a configuration field, named as its flag
+with dashes or underscores) × seeds, around the preset with the other flags applied (``--data``,
+``--sde``, ``--steps``, …). One run folder per (arm, seed) under ``--out``, plus ``summary.csv`` and
+``summary.md``: per arm the mean over seeds and the paired difference to the first arm (the control)
+with a 95% interval. ``--pretrain-steps K`` first trains one plain-DSM run per seed and makes every
+arm fine-tune from it. ``--jobs N`` runs N local worker processes; ``--slurm-partition P`` submits each
+run as a SLURM job through submitit (``pip install -e ".[cluster]"``). Interrupted studies resume.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import argparse
 import logging
 from pathlib import Path
 
+from fpe_lab.build import resolve_device
 from fpe_lab.checkpoint import ConfigMismatchError
-from fpe_lab.commands import CLIError, ranged
-from fpe_lab.commands.toy2d import add_toy2d_arguments, config_from_args, run_dir_name, run_toy2d
-from fpe_lab.config import Regularizer, Toy2dConfig, resolve_device
-from fpe_lab.study import StudyPlan, is_finished, run_study, summarize, write_summary
+from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
+from fpe_lab.config import toy2d
+from fpe_lab.study import StudyPlan, parse_grid, run_study, summarize, write_summary
+from fpe_lab import runs
 
 __all__ = ["add_parser"]
 
@@ -25,46 +29,56 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "study",
-        help="train and evaluate a grid of toy2d runs over λ and seeds; write a summary table",
-        description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        conflict_handler="resolve",  # the study's --lam (a list) and --reg replace toy2d's
-    )
-    p.add_argument("preset", choices=["toy2d"], help="the experiment whose runs make up the study")
-    add_toy2d_arguments(p)
-    p.add_argument("--lam", type=ranged(float, 0.0), nargs="+", default=[0.0, 0.01, 0.1, 1.0],
-                   help="regularizer weights λ >= 0 (0: plain DSM)")
-    p.add_argument("--seeds", type=ranged(int, 1, 1000), default=3, help="number of seeds per λ: --seed, --seed+1, ...")
-    p.add_argument("--reg", choices=[Regularizer.FPE.value], default=Regularizer.FPE.value,
-                   help="regularizer of the λ > 0 runs (λ = 0 runs are plain DSM)")
-    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder: run folders and summary")
-    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # a study always resumes
+    p = subparsers.add_parser("study", help="train and evaluate a grid of arms × seeds; write a paired summary",
+                              description=__doc__)
+    p.add_argument("preset", choices=[name for name, _, _ in PRESETS], help="the preset every run starts from")
+    add_config_arguments(p, toy2d(), skip=("seed",))
+    p.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
+                   help="swept fields; the first arm of the product is the control")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 (default: 3)")
+    p.add_argument("--first-seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="a plain-DSM pre-training run of this many steps per seed, from which every arm fine-tunes")
+    p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1)")
+    p.add_argument("--slurm-partition", default=None, help="submit each run to this SLURM partition via submitit")
+    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: runs/study)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
     p.set_defaults(handler=_study_command)
-    _one_line(p)
-
-
-def _one_line(parser: argparse.ArgumentParser) -> None:
-    def error(message: str):
-        parser.exit(2, f"error: {parser.prog}: {message}\n")
-
-    parser.error = error  # type: ignore[method-assign]
+    one_line_errors(p)
 
 
 def plan_from_args(args: argparse.Namespace) -> StudyPlan:
-    """The :class:`StudyPlan` of the parsed flags; bad values raise :class:`CLIError`."""
-    args.lam, lams = 0.0, list(args.lam)  # config_from_args reads one λ; the plan sets it per run
-    base: Toy2dConfig = config_from_args(args)
+    preset = dict((name, fn) for name, fn, _ in PRESETS)[args.preset]
+    base = config_from_args(args, preset)
+    if not 1 <= args.seeds <= 1000:
+        raise CLIError(f"--seeds must be in [1, 1000]; got {args.seeds}")
+    if args.first_seed < 0:
+        raise CLIError(f"--first-seed must be >= 0; got {args.first_seed}")
+    if not 1 <= args.jobs <= 64:
+        raise CLIError(f"--jobs must be in [1, 64]; got {args.jobs}")
+    if args.pretrain_steps is not None and args.pretrain_steps < 1:
+        raise CLIError(f"--pretrain-steps must be >= 1; got {args.pretrain_steps}")
     try:
-        return StudyPlan(base=base, lams=tuple(lams), seeds=tuple(range(base.seed, base.seed + args.seeds)))
+        arms = parse_grid(args.grid)
+        return StudyPlan(base=base, arms=tuple(arms), seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
+                         pretrain_steps=args.pretrain_steps)
     except ValueError as e:
         raise CLIError(str(e)) from None
 
 
-def _run_one(config: Toy2dConfig, out: Path) -> Path:
-    return run_toy2d(config, out, resume=True, progress=False)
+def _slurm_submit(partition: str, out: Path):
+    try:
+        import submitit
+    except ImportError:
+        raise CLIError('--slurm-partition needs submitit: pip install -e ".[cluster]"') from None
+
+    def submit(fn, todo):
+        executor = submitit.AutoExecutor(folder=out / "slurm")
+        executor.update_parameters(slurm_partition=partition, timeout_min=24 * 60, cpus_per_task=1)
+        jobs = [executor.submit(fn, c, o) for c, o in todo]
+        return [j.result() for j in jobs]
+
+    return submit
 
 
 def _study_command(args: argparse.Namespace) -> int:
@@ -75,12 +89,15 @@ def _study_command(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; it must be a folder (it is created if missing)")
         if args.dry_run:
-            for c in plan.configs():
-                d = out / run_dir_name(c)
-                print(f"{'done' if is_finished(d, c) else 'todo'}  {d}")
+            for arm in plan.arms:
+                for seed in plan.seeds:
+                    folder = runs.run_dir(plan.config(arm, seed, out), out)
+                    done = (folder / "config.json").is_file() and runs.load(folder).is_finished
+                    print(f"{'done' if done else 'todo'}  {arm.name}  seed {seed}  {folder}")
             return 0
-        dirs = run_study(plan, out, _run_one, run_dir_name)
-        csv_path, md_path = write_summary(summarize(dirs), out)
+        submit = _slurm_submit(args.slurm_partition, out) if args.slurm_partition else None
+        run_study(plan, out, jobs=args.jobs, submit=submit)
+        csv_path, md_path = write_summary(summarize(plan, out), out)
     except (ValueError, ConfigMismatchError, FloatingPointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     log.info("wrote %s and %s\n%s", csv_path, md_path, md_path.read_text(encoding="utf-8"))

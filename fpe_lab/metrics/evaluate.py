@@ -1,61 +1,179 @@
-r"""Evaluation of a learned score against the truth (issue 4, item 4): one call, one JSON-able dict.
+r"""Evaluation of a learned score, for points and images alike: one call, one typed report.
 
-For a score s_θ(x, t) trained under a forward SDE on data p_0, with a :class:`~fpe_lab.metrics.truth.Truth`
-for the true p_t, :func:`evaluate` measures at each t of a fixed time grid, on x_t = alpha(t) x_0 + sigma(t) z
-with fresh (held-out) x_0 ~ p_0 and z ~ N(0, I):
+For a score s_θ(x, t) trained under a forward SDE, :func:`evaluate` measures at each t of a time grid,
+on x_t = alpha(t) x_0 + sigma(t) z with held-out x_0 and fresh z ~ N(0, I):
 
-* score-FPE residual  E‖R_θ‖²,  R_θ = ∂_t s_θ − ∇[½g² ∇·s_θ + ½g² ‖s_θ‖² − ⟨f, s_θ⟩ − ∇·f]
-  (:func:`fpe_lab.fpe.score_fpe_terms`, exact derivatives), and relative to the size of its terms
-  E‖R_θ‖² / E[‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²];
-* score error  E‖s_θ − ∇log p_t‖²  and relative  E‖s_θ − ∇log p_t‖² / E‖∇log p_t‖²;
-* conservativity  E‖J − Jᵀ‖²_F / E‖J‖²_F  (J = ∂s_θ/∂x) and, for D = 2, E|∂_x s_y − ∂_y s_x|;
+* the score-FPE residual  E‖R_θ‖²,  R_θ = ∂_t s_θ − ∇[½g² ∇·s_θ + ½g² ‖s_θ‖² − ⟨f, s_θ⟩ − ∇·f],
+  with its standard error, and relative to the size of its terms
+  E‖R_θ‖² / E[‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²]. The divergence is exact for
+  D ≤ :data:`EXACT_MAX_DIM`; above, Hutchinson probes and the unbiased estimate ⟨R̂₁, R̂₂⟩
+  (:func:`fpe_lab.fpe.residual_sq`), since ‖R̂‖² would add the estimator's variance;
+* the Jacobian asymmetry E‖J − Jᵀ‖²_F / E‖J‖²_F (J = ∂s_θ/∂x; exact, or unbiased Hutchinson
+  estimates of both means) with a delta-method standard error, and for D = 2 E|∂_x s_y − ∂_y s_x|;
+* the DSM loss E‖sigma s_θ(x_t, t) + z‖² at that t (the fit, to read the residual against);
+* where a truth is given: the score error E‖s_θ − ∇log p_t‖² and relative to E‖∇log p_t‖²;
 
 and once:
 
-* NLL of held-out x_0 under the model's probability-flow ODE (:func:`fpe_lab.likelihood.pf_ode_nll`,
-  exact divergence) next to the true −log p_eps of the same points;
-* sample quality: reverse-SDE (Euler–Maruyama) and PF-ODE samples from the prior against held-out
-  data, by sliced Wasserstein-2 and MMD², the ODE–SDE gap, and the noise floor of each distance
-  (two independent held-out sets of the same size).
+* the NLL of held-out x_0 under the model's probability-flow ODE (:func:`fpe_lab.likelihood.pf_ode_nll`;
+  bits/dim with dequantization for images), next to the true −log p_eps where the truth is known,
+  and for images the DSM variational bound as a cheap check;
+* sample quality (points): reverse-SDE and PF-ODE samples against held-out data, by sliced
+  Wasserstein-2 and MMD², with the noise floor of each distance.
 
-All verification arithmetic is float64; ``dtype`` is only the dtype handed to ``score_fn``.
+Per-time work is done in chunks of ``batch_size`` points. The report is an :class:`EvalReport`; its
+``to_dict`` is the one ``metrics.json`` schema of every run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from fpe_lab.fpe import ScoreFn, jacobian, score_fpe_terms
-from fpe_lab.likelihood import bits_per_dim, pf_ode_nll
+from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, jacobian_asymmetry_sq, residual_sq, score_fpe_terms
+from fpe_lab.likelihood import UniformDequantization, dsm_nll_bound, pf_ode_nll
 from fpe_lab.metrics.sample_distance import GaussianKernel, mmd2, noise_floor, sliced_wasserstein
 from fpe_lab.metrics.truth import Truth
 from fpe_lab.sampling import ODEMethod, pf_ode_sample, reverse_sde_sample
 from fpe_lab.sde import LinearSDE
 from fpe_lab.shapes import append_dims
 
-__all__ = ["evaluate", "DEFAULT_TIMES", "PER_TIME_METRICS"]
+__all__ = ["evaluate", "EvalReport", "PerTime", "Likelihood", "Distances", "Samples", "DEFAULT_TIMES",
+           "EXACT_MAX_DIM"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMES: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-
-PER_TIME_METRICS: tuple[str, ...] = (
-    "fpe_residual",
-    "fpe_residual_rel",
-    "fpe_term_scale",
-    "score_error",
-    "score_error_rel",
-    "true_score_sq_norm",
-    "jacobian_asymmetry_rel",
-    "curl_abs",
-)
+EXACT_MAX_DIM = 16
+"""Largest D with exact divergences and Jacobians in the evaluation (D reverse passes each)."""
 
 
+# ---------------------------------------------------------------------- the report
+def _floats(v: Any) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(x) for x in v)
+
+
+@dataclass(frozen=True)
+class PerTime:
+    """Per-time metrics; each a tuple with one value per evaluation time (None where not measured)."""
+
+    fpe_residual: tuple[float, ...]
+    fpe_residual_se: tuple[float, ...]
+    fpe_residual_rel: tuple[float, ...]
+    fpe_term_scale: tuple[float, ...]
+    jacobian_asymmetry_rel: tuple[float, ...]
+    jacobian_asymmetry_rel_se: tuple[float, ...]
+    dsm: tuple[float, ...]
+    dsm_se: tuple[float, ...]
+    score_error: tuple[float, ...] | None = None
+    score_error_rel: tuple[float, ...] | None = None
+    true_score_sq_norm: tuple[float, ...] | None = None
+    curl_abs: tuple[float, ...] | None = None
+
+    def metrics(self) -> dict[str, tuple[float, ...]]:
+        """The metrics that were measured, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass(frozen=True)
+class Likelihood:
+    """−log p_eps of held-out points by the PF-ODE (nats and bits/dim), and the truth's where known."""
+
+    n_points: int
+    repeats: int
+    eps: float
+    method: str
+    rtol: float
+    nfe: int
+    divergence: str
+    model_nats: float
+    model_nats_sem: float
+    model_bits_per_dim: float
+    model_bits_per_dim_per_repeat: tuple[float, ...]
+    true_nats: float | None = None
+    true_nats_sem: float | None = None
+    gap_nats: float | None = None
+    gap_nats_sem: float | None = None
+    dsm_bound_bits_per_dim: float | None = None
+    dsm_bound_sem: float | None = None
+
+
+@dataclass(frozen=True)
+class Distances:
+    sde_vs_data: float
+    ode_vs_data: float
+    ode_vs_sde: float
+    floor: float
+    floor_std: float
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Distances of reverse-SDE and PF-ODE samples to held-out data; ``floor``: two exact sample sets."""
+
+    n: int
+    sde_steps: int
+    ode_nfe: int
+    sliced_wasserstein: Distances
+    mmd2: Distances
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """What :func:`evaluate` measured. ``step``: the training step of the weights evaluated."""
+
+    times: tuple[float, ...]
+    per_time: PerTime
+    dim: int
+    step: int | None = None
+    nll: Likelihood | None = None
+    samples: Samples | None = None
+    settings: dict = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def mean(self) -> dict[str, float]:
+        """Each per-time metric averaged over the time grid."""
+        return {k: sum(v) / len(v) for k, v in self.per_time.metrics().items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"] = self.mean
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        """Inverse of :meth:`to_dict`; ValueError naming what is missing or malformed."""
+        try:
+            per_time = PerTime(**{k: _floats(v) for k, v in d["per_time"].items()})
+            nll = d.get("nll")
+            samples = d.get("samples")
+            if nll is not None:
+                nll = Likelihood(**{**nll, "model_bits_per_dim_per_repeat": tuple(nll["model_bits_per_dim_per_repeat"])})
+            if samples is not None:
+                samples = Samples(**{**samples, "sliced_wasserstein": Distances(**samples["sliced_wasserstein"]),
+                                     "mmd2": Distances(**samples["mmd2"])})
+            report = cls(times=_floats(d["times"]), per_time=per_time, dim=int(d["dim"]), step=d.get("step"),
+                         nll=nll, samples=samples, settings=dict(d.get("settings", {})),
+                         wall_s=float(d.get("wall_s", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not an evaluation report: {type(e).__name__}: {e}") from None
+        n = len(report.times)
+        bad = [k for k, v in per_time.metrics().items()
+               if len(v) != n or not all(math.isfinite(x) for x in v)]
+        if bad:
+            raise ValueError(f"not an evaluation report: per_time {bad} must hold {n} finite numbers")
+        return report
+
+
+# ---------------------------------------------------------------------- helpers
 def _check_int(v, name: str, lo: int) -> None:
     if not isinstance(v, int) or isinstance(v, bool) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
@@ -67,46 +185,75 @@ def _finite(value: float, what: str) -> float:
     return float(value)
 
 
-def _mean_sq(v: torch.Tensor) -> torch.Tensor:
-    """E‖v‖² over the batch of v (b, *dims), float64."""
-    return v.to(torch.float64).reshape(v.shape[0], -1).pow(2).sum(-1).mean()
+def _mean_se(v: torch.Tensor) -> tuple[float, float]:
+    v = v.to(torch.float64)
+    return float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
 
 
-def _per_time(score_fn: ScoreFn, sde: LinearSDE, truth: Truth, x: torch.Tensor, t: float,
-              dtype: torch.dtype) -> dict[str, float]:
-    xd = x.to(dtype)
-    # a full (b,) time tensor: fpe's scalar-t path expands t, which forward-mode AD rejects
-    tb = torch.full((x.shape[0],), t, dtype=dtype)
-    terms = score_fpe_terms(score_fn, sde, xd, tb)
-    res = _mean_sq(terms.residual)
-    scale = terms.scale.to(torch.float64).pow(2).mean()
-    s_true = truth.score(x, t)
-    err = _mean_sq(terms.s.to(torch.float64) - s_true)
-    true_sq = _mean_sq(s_true)
-    jac = jacobian(score_fn, xd, tb).to(torch.float64)
-    asym = torch.linalg.matrix_norm(jac - jac.transpose(-1, -2)).pow(2).mean()
-    out = {
-        "fpe_residual": res,
-        "fpe_residual_rel": res / scale,
-        "fpe_term_scale": scale,
-        "score_error": err,
-        "score_error_rel": err / true_sq,
-        "true_score_sq_norm": true_sq,
-        "jacobian_asymmetry_rel": asym / torch.linalg.matrix_norm(jac).pow(2).mean(),
-        "curl_abs": (jac[:, 1, 0] - jac[:, 0, 1]).abs().mean() if x.shape[1] == 2 else None,
-    }
-    return {k: (None if v is None else _finite(float(v), f"{k} at t={t:g}")) for k, v in out.items()}
+def _ratio_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """r = mean(a)/mean(b) and its delta-method standard error sqrt(Var(a − r b)/n)/mean(b)."""
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    r = float(a.mean() / b.mean())
+    se = float((a - r * b).std() / math.sqrt(a.numel()) / b.mean()) if a.numel() > 1 else 0.0
+    return r, se
 
 
-def _sem(v: torch.Tensor) -> float:
-    return float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+def _sq(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float64).reshape(v.shape[0], -1).pow(2).sum(-1)
 
 
+def _per_time(score_fn: ScoreFn, sde: LinearSDE, truth: Truth | None, x0: torch.Tensor, t: float,
+              dtype: torch.dtype, generator: torch.Generator, probes: int, batch_size: int) -> dict[str, Any]:
+    """Per-sample quantities at time t over x0 (in chunks), reduced to means and standard errors."""
+    dim = x0[0].numel()
+    exact = dim <= EXACT_MAX_DIM
+    parts: dict[str, list[torch.Tensor]] = {}
+    for x0c in x0.split(batch_size):
+        tb = torch.full((x0c.shape[0],), t, dtype=torch.float64)
+        alpha, sigma = sde.marginal(tb)
+        z = torch.randn(x0c.shape, generator=generator, dtype=torch.float64, device=generator.device).to(x0c.device)
+        xt = (append_dims(alpha.to(x0c.device), x0c.ndim) * x0c + append_dims(sigma.to(x0c.device), x0c.ndim) * z)
+        xd, td = xt.to(dtype), tb.to(dtype=dtype, device=xt.device)
+        hutch = None if exact else Hutchinson(probes, Probe.RADEMACHER, generator=generator)
+        terms = score_fpe_terms(score_fn, sde, xd, td, divergence=hutch)
+        res = _sq(terms.residual) if exact else residual_sq(score_fn, sde, xd, td, divergence=hutch).to(torch.float64)
+        asym, jsq = jacobian_asymmetry_sq(score_fn, xd, td, probes=None if exact else probes, generator=generator)
+        s = terms.s.to(torch.float64)
+        sig = append_dims(sigma.to(s.device), s.ndim)
+        new = {"res": res, "scale": terms.scale.to(torch.float64).pow(2), "asym": asym.to(torch.float64),
+               "jsq": jsq.to(torch.float64), "dsm": _sq(sig * s + z.to(s.device))}
+        if truth is not None:
+            s_true = truth.score(xt.reshape(xt.shape[0], -1).cpu(), t).reshape(xt.shape).to(s.device)
+            new["err"], new["true_sq"] = _sq(s - s_true), _sq(s_true)
+        if dim == 2 and exact:
+            from fpe_lab.fpe import jacobian
+
+            jac = jacobian(score_fn, xd, td).to(torch.float64)
+            new["curl"] = (jac[:, 1, 0] - jac[:, 0, 1]).abs()
+        for k, v in new.items():
+            parts.setdefault(k, []).append(v.detach().cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    out: dict[str, Any] = {}
+    out["fpe_residual"], out["fpe_residual_se"] = _mean_se(cat["res"])
+    out["fpe_term_scale"] = float(cat["scale"].mean())
+    out["fpe_residual_rel"] = out["fpe_residual"] / out["fpe_term_scale"]
+    out["jacobian_asymmetry_rel"], out["jacobian_asymmetry_rel_se"] = _ratio_se(cat["asym"], cat["jsq"])
+    out["dsm"], out["dsm_se"] = _mean_se(cat["dsm"])
+    if "err" in cat:
+        out["score_error"] = float(cat["err"].mean())
+        out["true_score_sq_norm"] = float(cat["true_sq"].mean())
+        out["score_error_rel"] = out["score_error"] / out["true_score_sq_norm"]
+    if "curl" in cat:
+        out["curl_abs"] = float(cat["curl"].mean())
+    return {k: _finite(v, f"{k} at t={t:g}") for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------- evaluate
 def evaluate(
     score_fn: ScoreFn,
     sde: LinearSDE,
     data: Any,
-    truth: Truth,
+    truth: Truth | None = None,
     *,
     times: Sequence[float] = DEFAULT_TIMES,
     n_points: int = 1000,
@@ -114,74 +261,53 @@ def evaluate(
     generator: torch.Generator | None = None,
     n_nll: int = 500,
     nll_rtol: float = 1e-5,
-    nll_atol: float = 1e-5,
+    nll_repeats: int = 1,
+    dequantization: UniformDequantization | None = None,
     ode_method: ODEMethod = ODEMethod.RK45,
     n_samples: int = 1000,
     sde_steps: int = 300,
     sample_rtol: float = 1e-4,
-    sample_atol: float = 1e-4,
     n_projections: int = 256,
     kernel: GaussianKernel = GaussianKernel(),
     floor_repeats: int = 3,
+    probes: int = 2,
+    batch_size: int = 4096,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    step: int | None = None,
     progress: bool = True,
-) -> dict:
-    """Evaluate ``score_fn`` against ``truth``; returns a JSON-serialisable dict (floats, lists, str).
+) -> EvalReport:
+    """Evaluate ``score_fn``; returns an :class:`EvalReport` (nothing NaN: a non-finite metric raises
+    ``FloatingPointError`` naming it).
 
     Main arguments:
-        score_fn: s_θ(x, t), x of shape (b, D), t of shape (b,), in eval mode (no train-mode
-            BatchNorm/dropout); it receives tensors of ``dtype``.
-        sde: the forward SDE the model was trained with (gives alpha, sigma, f, g, the prior).
-        data: the data law, ``data.sample(n, generator) -> (n, D)`` (a toy distribution or a
-            GaussianMixture); every point used here is drawn fresh from ``generator`` (held out).
-        truth: the true p_t of ``data`` under ``sde`` (:mod:`fpe_lab.metrics.truth`).
+        score_fn: s_θ(x, t), x of shape (b, *dims), t of shape (b,), in eval mode (no train-mode
+            BatchNorm/dropout); it receives tensors of ``dtype`` on ``device``.
+        sde: the forward SDE the model was trained with (alpha, sigma, f, g, the prior).
+        data: held-out data, ``data.sample(n, generator) -> (n, *dims)`` (a toy distribution, a
+            GaussianMixture, or an image test set).
+        truth: the true p_t of ``data`` (:mod:`fpe_lab.metrics.truth`), or None (images): then no
+            score error and no true NLL.
 
     Other arguments:
-        times: the fixed time grid for the per-time metrics, each in [eps, 1].
+        times: the time grid of the per-time metrics, each in [eps, 1].
         n_points: points x_t per time.
         eps: start of the NLL integration and end of sampling.
-        generator: the one source of randomness (fix its seed for reproducible metrics).
-        n_nll, nll_rtol, nll_atol, ode_method: the PF-ODE NLL (0 disables the NLL section).
-        n_samples, sde_steps, sample_rtol, sample_atol: the sample-quality section (0 disables it);
-            Euler–Maruyama with 300 steps and RK45 at 1e-4 by default: their errors (measured with the
-            exact mixture score) sit below the noise floor of 1,000 samples, and they keep the
-            evaluation within ~40 s on 2 CPU cores.
+        generator: the one source of randomness (fix its seed for reproducible metrics; CPU).
+        n_nll, nll_rtol, nll_repeats, dequantization, ode_method: the PF-ODE NLL (0 points skips it);
+            rtol = atol; each repeat redraws dequantization noise and Hutchinson probes (frozen per
+            solve); with ``dequantization`` the NLL is of the dequantized data, in bits/dim, and the DSM
+            bound is reported beside it.
+        n_samples, sde_steps, sample_rtol: sample quality (0 skips it).
         n_projections, kernel, floor_repeats: sliced Wasserstein, MMD kernel, noise-floor repeats.
-        dtype: dtype passed to score_fn (float64 for verification; float32 for a float32 network).
-        progress: tqdm bar over the stages (and nested bars for the ODE solves and the SDE steps).
-
-    Returns (all numbers are Python floats/ints; nothing is NaN — a non-finite metric raises
-    ``FloatingPointError`` naming it):
-        "times": [t_1, …, t_n];
-        "per_time": {metric: [value at t_1, …, value at t_n]} for the metrics
-            "fpe_residual"            E‖R_θ‖²,
-            "fpe_residual_rel"        E‖R_θ‖² / fpe_term_scale,
-            "fpe_term_scale"          E[‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²] of s_θ,
-            "score_error"             E‖s_θ − ∇log p_t‖²,
-            "score_error_rel"         score_error / true_score_sq_norm,
-            "true_score_sq_norm"      E‖∇log p_t‖²,
-            "jacobian_asymmetry_rel"  E‖J − Jᵀ‖²_F / E‖J‖²_F,
-            "curl_abs"                E|∂_x s_y − ∂_y s_x| (only when D = 2, else absent);
-            every E over x_t = alpha x_0 + sigma z, n_points fresh draws per t;
-        "mean": {metric: average over the time grid of per_time[metric]};
-        "nll": {"n_points", "eps", "method", "rtol", "atol", "nfe", "divergence",
-                "model_nats", "model_nats_sem", "model_bits_per_dim",
-                "true_nats", "true_nats_sem", "true_bits_per_dim",
-                "gap_nats", "gap_nats_sem"}
-            model = mean −log p_eps(x_0) by the model's PF-ODE (prior = sde's prior),
-            true = mean −log p_eps(x_0) of the truth, gap = mean of the per-point difference
-            model − true; bits/dim = nats/(D ln 2); sem = standard error of the mean. {} if n_nll = 0;
-        "samples": {"n", "eps", "sde_steps", "ode_method", "ode_rtol", "ode_atol", "ode_nfe",
-                    "sliced_wasserstein": {"sde_vs_data", "ode_vs_data", "ode_vs_sde", "floor", "floor_std"},
-                    "mmd2": {same keys}}
-            distances of n reverse-SDE / PF-ODE samples (both ending at t = eps) to n held-out data
-            points, and between each other; "floor": mean distance of two independent held-out sets
-            of size n (what an exact sampler scores), "floor_std" its spread over floor_repeats.
-            {} if n_samples = 0;
-        "settings": {"n_points", "eps", "dim", "sde", "truth", "dtype", "n_projections",
-                     "kernel_bandwidths", "floor_repeats"}.
+        probes: Hutchinson probes per point where D > EXACT_MAX_DIM.
+        batch_size: points per chunk.
+        dtype, device: what ``score_fn`` receives (float64 for verification).
+        step: the training step of the weights, recorded in the report.
+        progress: tqdm bar over the stages.
     """
-    times = [float(t) for t in times]
+    start = time.perf_counter()
+    times = tuple(float(t) for t in times)
     if not times:
         raise ValueError("times must be a nonempty sequence of times in [eps, 1]; got []")
     if not (isinstance(eps, (int, float)) and 0 < eps < 1):
@@ -189,110 +315,122 @@ def evaluate(
     bad = [t for t in times if not (math.isfinite(t) and eps <= t <= 1)]
     if bad:
         raise ValueError(f"times must lie in [eps, 1] = [{eps}, 1]; got {bad}")
-    _check_int(n_points, "n_points", 2)
-    _check_int(n_nll, "n_nll", 0)
-    _check_int(n_samples, "n_samples", 0)
+    for v, name, lo in ((n_points, "n_points", 2), (n_nll, "n_nll", 0), (n_samples, "n_samples", 0),
+                        (sde_steps, "sde_steps", 1), (floor_repeats, "floor_repeats", 1), (probes, "probes", 2),
+                        (batch_size, "batch_size", 1), (nll_repeats, "nll_repeats", 1)):
+        _check_int(v, name, lo)
     if n_samples == 1:
         raise ValueError("n_samples must be 0 (disabled) or >= 2; got 1")
-    _check_int(sde_steps, "sde_steps", 1)
-    _check_int(floor_repeats, "floor_repeats", 1)
     if not callable(getattr(data, "sample", None)):
-        raise ValueError(f"data must provide sample(n, generator) -> (n, D); got {data!r}")
-    if not isinstance(truth, Truth):
-        raise ValueError(f"truth must be a fpe_lab.metrics.truth.Truth; got {truth!r}")
+        raise ValueError(f"data must provide sample(n, generator) -> (n, *dims); got {data!r}")
+    if truth is not None and not isinstance(truth, Truth):
+        raise ValueError(f"truth must be None or a fpe_lab.metrics.truth.Truth; got {truth!r}")
+    generator = generator or torch.Generator().manual_seed(0)
+    device = torch.device(device)
 
     def draw(n: int, gen: torch.Generator | None = generator) -> torch.Tensor:
-        x0 = torch.as_tensor(data.sample(n, gen), dtype=torch.float64)
-        if x0.ndim != 2 or x0.shape[0] != n:
-            raise ValueError(f"data.sample({n}) must return shape ({n}, D); got {tuple(x0.shape)}")
-        return x0
+        x0 = torch.as_tensor(data.sample(n, gen)).to(torch.float64)
+        if x0.ndim < 2 or x0.shape[0] != n:
+            raise ValueError(f"data.sample({n}) must return shape ({n}, *dims); got {tuple(x0.shape)}")
+        return x0.to(device)
 
     stages = len(times) + (n_nll > 0) + 3 * (n_samples > 0)
     bar = tqdm(total=stages, desc="evaluate", disable=not progress, leave=False)
-    dim = None
-
     per_time: dict[str, list[float]] = {}
+    dim = 0
     for t in times:
-        bar.set_postfix_str(f"per-time t={t:g}")
+        bar.set_postfix_str(f"t={t:g}")
         x0 = draw(n_points)
-        dim = x0.shape[1]
-        alpha, sigma = sde.marginal(torch.tensor(t, dtype=torch.float64))
-        z = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        xt = append_dims(alpha, 2) * x0 + append_dims(sigma, 2) * z
-        for k, v in _per_time(score_fn, sde, truth, xt, t, dtype).items():
-            if v is not None:
-                per_time.setdefault(k, []).append(v)
+        dim = x0[0].numel()
+        for k, v in _per_time(score_fn, sde, truth, x0, t, dtype, generator, probes, batch_size).items():
+            per_time.setdefault(k, []).append(v)
         bar.update()
-    mean = {k: float(sum(v) / len(v)) for k, v in per_time.items()}
 
-    nll: dict[str, Any] = {}
+    nll = None
     if n_nll:
         bar.set_postfix_str("PF-ODE NLL")
-        x0 = draw(n_nll)
-        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=ode_method, rtol=nll_rtol, atol=nll_atol,
-                         progress=progress)
-        model = res.nats.to(torch.float64)
-        true = -truth.log_prob(x0, eps)
-        gap = model - true
-        nll = {
-            "n_points": n_nll, "eps": eps, "method": ode_method.value, "rtol": nll_rtol, "atol": nll_atol,
-            "nfe": res.nfe, "divergence": res.settings["divergence"],
-            "model_nats": _finite(float(model.mean()), "model NLL"), "model_nats_sem": _sem(model),
-            "model_bits_per_dim": float(bits_per_dim(model, dim).mean()),
-            "true_nats": _finite(float(true.mean()), "true NLL"), "true_nats_sem": _sem(true),
-            "true_bits_per_dim": float(bits_per_dim(true, dim).mean()),
-            "gap_nats": float(gap.mean()), "gap_nats_sem": _sem(gap),
-        }
+        nll = _likelihood(score_fn, sde, draw(n_nll), truth, eps, nll_rtol, nll_repeats, dequantization, ode_method,
+                          dtype, generator, batch_size, dim)
         bar.update()
 
-    samples: dict[str, Any] = {}
+    samples = None
     if n_samples:
-        # one projection seed for every sliced-Wasserstein call, so the distances are comparable
         proj_seed = int(torch.randint(2**62, (1,), generator=generator))
 
         def sw(a: torch.Tensor, b: torch.Tensor) -> float:
-            return sliced_wasserstein(a, b, n_projections=n_projections,
+            return sliced_wasserstein(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), n_projections=n_projections,
                                       generator=torch.Generator().manual_seed(proj_seed))
 
         def mmd(a: torch.Tensor, b: torch.Tensor) -> float:
-            return mmd2(a, b, kernel=kernel)
+            return mmd2(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), kernel=kernel)
 
         bar.set_postfix_str("reverse-SDE samples")
-        x_T = sde.prior_sample((n_samples, dim), generator=generator, dtype=dtype)
-        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator,
-                                   progress=progress)
+        shape = (n_samples, *draw(1).shape[1:])
+        x_T = sde.prior_sample(shape, generator=generator, dtype=dtype).to(device)
+        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator, progress=progress)
         bar.update()
         bar.set_postfix_str("PF-ODE samples")
-        ode = pf_ode_sample(score_fn, sde, x_T, eps=eps, method=ode_method, rtol=sample_rtol, atol=sample_atol,
+        ode = pf_ode_sample(score_fn, sde, x_T, eps=eps, method=ode_method, rtol=sample_rtol, atol=sample_rtol,
                             progress=progress)
         bar.update()
         bar.set_postfix_str("sample distances")
-        held_out = draw(n_samples)
-        x_sde, x_ode = x_sde.to(torch.float64), ode.x.to(torch.float64)
+        held_out = draw(n_samples).cpu()
+        x_sde, x_ode = x_sde.to(torch.float64).cpu(), ode.x.to(torch.float64).cpu()
         floor_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
-        floor_draw = lambda n, g: draw(n, g)  # noqa: E731
-        samples = {
-            "n": n_samples, "eps": eps, "sde_steps": sde_steps, "ode_method": ode_method.value,
-            "ode_rtol": sample_rtol, "ode_atol": sample_atol, "ode_nfe": ode.nfe,
-        }
+        dists = {}
         for name, dist in (("sliced_wasserstein", sw), ("mmd2", mmd)):
-            floor = noise_floor(floor_draw, n_samples, dist, repeats=floor_repeats, generator=floor_gen)
-            samples[name] = {
-                "sde_vs_data": _finite(dist(x_sde, held_out), f"{name} sde_vs_data"),
-                "ode_vs_data": _finite(dist(x_ode, held_out), f"{name} ode_vs_data"),
-                "ode_vs_sde": _finite(dist(x_ode, x_sde), f"{name} ode_vs_sde"),
-                "floor": floor.mean,
-                "floor_std": floor.std,
-            }
+            floor = noise_floor(lambda n, g: draw(n, g).cpu(), n_samples, dist, repeats=floor_repeats, generator=floor_gen)
+            dists[name] = Distances(sde_vs_data=_finite(dist(x_sde, held_out), f"{name} sde_vs_data"),
+                                    ode_vs_data=_finite(dist(x_ode, held_out), f"{name} ode_vs_data"),
+                                    ode_vs_sde=_finite(dist(x_ode, x_sde), f"{name} ode_vs_sde"),
+                                    floor=floor.mean, floor_std=floor.std)
+        samples = Samples(n=n_samples, sde_steps=sde_steps, ode_nfe=ode.nfe, **dists)
         bar.update()
     bar.close()
 
     settings = {
-        "n_points": n_points, "eps": eps, "dim": dim, "sde": str(sde), "truth": repr(truth),
-        "dtype": str(dtype).removeprefix("torch."), "n_projections": n_projections,
-        "kernel_bandwidths": list(kernel.bandwidths), "floor_repeats": floor_repeats,
+        "n_points": n_points, "eps": eps, "sde": str(sde), "truth": repr(truth) if truth is not None else None,
+        "dtype": str(dtype).removeprefix("torch."), "divergence": "exact" if dim <= EXACT_MAX_DIM else f"hutchinson({probes})",
+        "n_projections": n_projections, "kernel_bandwidths": list(kernel.bandwidths), "floor_repeats": floor_repeats,
+        "ode_method": ode_method.value, "sample_rtol": sample_rtol,
     }
-    log.info("evaluate: mean fpe_residual_rel %.3g, score_error_rel %.3g, NLL gap %s",
-             mean["fpe_residual_rel"], mean["score_error_rel"], nll.get("gap_nats"))
-    return {"times": times, "per_time": per_time, "mean": mean, "nll": nll, "samples": samples,
-            "settings": settings}
+    report = EvalReport(times=times, per_time=PerTime(**{k: tuple(v) for k, v in per_time.items()}), dim=dim,
+                        step=step, nll=nll, samples=samples, settings=settings, wall_s=time.perf_counter() - start)
+    log.debug("evaluate: %s", report.mean)
+    return report
+
+
+def _likelihood(score_fn, sde, x0, truth, eps, rtol, repeats, dequantization, method, dtype, generator,
+                batch_size, dim) -> Likelihood:
+    exact = dim <= EXACT_MAX_DIM
+    runs, bpd, per_repeat, nfe, div_name = [], [], [], 0, "exact"
+    for r in range(repeats):
+        gen = torch.Generator(device=x0.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        divergence = None if exact else Hutchinson(1, Probe.RADEMACHER, generator=gen)
+        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=method, rtol=rtol, atol=rtol, divergence=divergence,
+                         dequantization=dequantization, generator=gen, batch_size=batch_size)
+        nats = res.nats.to(torch.float64).cpu()
+        runs.append(nats)
+        bpd.append(res.bits_per_dim.to(torch.float64).cpu())
+        per_repeat.append(float(bpd[-1].mean()))
+        nfe += res.nfe
+        div_name = res.settings["divergence"]
+    model = torch.cat(runs)
+    mean, sem = _mean_se(model)
+    out: dict[str, Any] = dict(
+        n_points=x0.shape[0], repeats=repeats, eps=eps, method=method.value, rtol=rtol, nfe=nfe, divergence=div_name,
+        model_nats=_finite(mean, "model NLL"), model_nats_sem=sem, model_bits_per_dim=float(torch.cat(bpd).mean()),
+        model_bits_per_dim_per_repeat=tuple(per_repeat),
+    )
+    if truth is not None and dequantization is None:
+        true = -truth.log_prob(x0.reshape(x0.shape[0], -1).cpu(), eps)
+        gap = runs[0] - true
+        out["true_nats"], out["true_nats_sem"] = _mean_se(true)
+        out["gap_nats"], out["gap_nats_sem"] = _mean_se(gap)
+    if dequantization is not None:
+        gen = torch.Generator(device=x0.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        bound = torch.cat([dsm_nll_bound(score_fn, sde, chunk.to(dtype), eps=eps, n_times=16, generator=gen,
+                                         dequantization=dequantization).bits_per_dim.to(torch.float64).cpu()
+                           for chunk in x0.split(batch_size)])
+        out["dsm_bound_bits_per_dim"], out["dsm_bound_sem"] = _mean_se(bound)
+    return Likelihood(**out)

@@ -1,0 +1,214 @@
+"""RunConfig → the objects of a run: SDE, data, model, loss, device. One builder for points and images.
+
+Points and images differ only in what is built here: a toy distribution and an MLP with the exact
+divergence, or an image set and a U-Net with a Hutchinson divergence. The training loop, the
+evaluator and the run folders take these objects and never look at the configuration's data kind.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fpe_lab.config import (
+    Dataset,
+    DeviceChoice,
+    DivergenceKind,
+    RegKind,
+    ResidualPath,
+    RunConfig,
+    SDEConfig,
+    SDEKind,
+    TimeDerivativeKind,
+)
+from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, score_fpe_residual
+from fpe_lab.losses import FPERegularizer, ScoreFPELoss
+from fpe_lab.model import ScoreModel
+from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
+
+__all__ = [
+    "build_sde",
+    "build_data",
+    "build_eval_data",
+    "build_model",
+    "build_loss",
+    "batch_sampler",
+    "init_weights",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+def build_sde(config: SDEConfig) -> LinearSDE:
+    """The forward SDE with the configured coefficients."""
+    match config.kind:
+        case SDEKind.VE:
+            return VESDE(sigma_min=config.sigma_min, sigma_max=config.sigma_max)
+        case SDEKind.VP:
+            return VPSDE(beta_min=config.beta_min, beta_max=config.beta_max)
+        case SDEKind.SUBVP:
+            return SubVPSDE(beta_min=config.beta_min, beta_max=config.beta_max)
+    raise ValueError(f"sde kind must be one of {[k.value for k in SDEKind]}; got {config.kind!r}")
+
+
+def _load_images(config: RunConfig, split):
+    from fpe_lab.data.images import load_cifar10, load_digits
+
+    match config.data.name:
+        case Dataset.CIFAR10:
+            data = load_cifar10(config.data.data_dir, split)
+        case Dataset.DIGITS:
+            data = load_digits(split)
+        case _:
+            raise ValueError(f"{config.data.name.value} is not an image set")
+    if data.image_shape != config.data.name.shape:
+        raise ValueError(f"{config.data.name.value} images are {data.image_shape} (C, H, W); expected "
+                         f"{config.data.name.shape}")
+    return data
+
+
+def build_data(config: RunConfig):
+    """Training data: a toy distribution (``sample(n, generator)``, exact p_t known) or the image
+    training split (``fpe_lab.data.images.ImageDataset``)."""
+    if config.data.name.is_image:
+        from fpe_lab.data.images import ImageSplit
+
+        return _load_images(config, ImageSplit.TRAIN)
+    from fpe_lab.data.toy import toy_distribution
+
+    return toy_distribution(config.data.name.value)
+
+
+def build_eval_data(config: RunConfig):
+    """Held-out data for evaluation: the toy distribution itself (fresh draws) or the image test split."""
+    if config.data.name.is_image:
+        from fpe_lab.data.images import ImageSplit
+
+        return _load_images(config, ImageSplit.TEST)
+    return build_data(config)
+
+
+def batch_sampler(config: RunConfig, data, local_batch: int | None = None) -> Callable[[torch.Generator], torch.Tensor]:
+    """``sample(generator) -> x0`` of ``local_batch`` (default: the configured batch) training points."""
+    n = local_batch or config.optim.batch
+    if config.data.name.is_image:
+        return lambda g: data.sample(n, g, hflip=config.data.hflip)
+    return lambda g: data.sample(n, g)
+
+
+def build_model(config: RunConfig, sde: LinearSDE, dtype: torch.dtype = torch.float32) -> ScoreModel:
+    """``ScoreModel(net, sde)``: TimeMLP for points, U-Net for images, initialised from ``config.seed``
+    on a forked global RNG (building a model has no side effect on it)."""
+    m = config.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.data.name.is_image:
+            import dataclasses
+
+            from fpe_lab.nets.unet import UNet, UNetConfig
+
+            c, h, w = config.data.name.shape
+            unet = UNetConfig.preset(m.unet, in_channels=c, image_size=h, dropout=m.dropout)
+            changes = {k: v for k, v in (("channels", m.width), ("num_res_blocks", m.depth)) if v is not None}
+            net = UNet(dataclasses.replace(unet, **changes) if changes else unet)
+        else:
+            from fpe_lab.nets.mlp import TimeMLP
+
+            net = TimeMLP(dim=config.dim, width=m.width or 128, depth=m.depth or 3, n_freq=m.n_freq)
+    return ScoreModel(net.to(dtype), sde)
+
+
+def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False, time_derivative=None):
+    """score_fpe_residual with autocast disabled: the residual's derivatives in fp32 under bf16 training."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence,
+                                  create_graph=create_graph, time_derivative=time_derivative)
+
+
+def _residual_function(config: RunConfig):
+    reg = config.loss.reg
+    match reg.residual_path:
+        case ResidualPath.JET:
+            from fpe_lab.nets.jet import jet_score_fpe_residual
+
+            return jet_score_fpe_residual
+        case ResidualPath.GENERIC:
+            match reg.dt:
+                case TimeDerivativeKind.JVP:
+                    dt = ForwardModeDt()
+                case TimeDerivativeKind.FD:
+                    dt = FiniteDifferenceDt(h=reg.fd_step, eps=config.loss.eps)
+            return functools.partial(_fp32_residual if config.optim.bf16 else score_fpe_residual, time_derivative=dt)
+
+
+def build_loss(config: RunConfig, sde: LinearSDE) -> ScoreFPELoss:
+    """L = E lambda(t)‖s_θ + z/sigma‖² + lam · E w(t)‖R_θ‖² (lam/D with ``per_dim``)."""
+    reg = config.loss.reg
+    match reg.kind:
+        case RegKind.NONE:
+            regularizer = None
+        case RegKind.FPE:
+            match reg.divergence:
+                case DivergenceKind.EXACT:
+                    divergence = None
+                case DivergenceKind.HUTCHINSON:
+                    divergence = Hutchinson(reg.probes, reg.probe)
+            regularizer = FPERegularizer(
+                lam=reg.lam / config.dim if reg.per_dim else reg.lam,
+                weighting=reg.weighting,
+                points=reg.points,
+                n_points=reg.n_points,
+                divergence=divergence,
+                residual=_residual_function(config),
+            )
+    return ScoreFPELoss(sde=sde, eps=config.loss.eps, weighting=config.loss.dsm_weighting, regularizer=regularizer)
+
+
+def init_weights(model: ScoreModel, config: RunConfig) -> None:
+    """Load the weights named by ``optim.init_from`` (a run folder or a checkpoint file; ``optim.init_weights``
+    picks EMA or raw) into ``model``; ValueError naming what does not fit."""
+    text = config.optim.init_from
+    if text is None:
+        return
+    path = Path(text)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"--init-from {text}: no checkpoint there (expected a run folder with {CHECKPOINT_NAME} or a file)")
+    state = load_checkpoint(path)
+    key = config.optim.init_weights.value
+    sd = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--init-from {path}: no {key!r} state dict in the checkpoint")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(own.keys() & sd.keys())
+              if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{len(missing)} missing keys (e.g. {missing[0]})" if missing else "",
+                 f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})" if unexpected else "",
+                 f"{len(shapes)} shape mismatches (e.g. {shapes[0]})" if shapes else ""]
+        raise ValueError(f"--init-from {path} holds another architecture or data dimension: "
+                         f"{', '.join(p for p in parts if p)}")
+    model.load_state_dict(sd)
+    log.info("initialised from the %s weights of %s", key, path)
+
+
+def resolve_device(choice: DeviceChoice) -> torch.device:
+    """AUTO → cuda if available else cpu; CUDA without CUDA is a ValueError."""
+    match choice:
+        case DeviceChoice.AUTO:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        case DeviceChoice.CPU:
+            return torch.device("cpu")
+        case DeviceChoice.CUDA:
+            if not torch.cuda.is_available():
+                raise ValueError("device cuda was requested but CUDA is not available (use --device cpu or auto)")
+            return torch.device("cuda")
+    raise ValueError(f"device must be one of {[d.value for d in DeviceChoice]}; got {choice!r}")

@@ -1,0 +1,166 @@
+"""``python -m fpe_lab.run {toy2d,cifar10,digits} [--flags]``: train a score model and evaluate it;
+``python -m fpe_lab.run eval RUN_DIR``: re-evaluate a run folder.
+
+The three training commands are one command with three presets (:func:`fpe_lab.config.toy2d`,
+``cifar10``, ``digits``). Their flags are generated from the fields of :class:`fpe_lab.config.RunConfig`
+(each field's metadata names its flag and help), so every setting is a flag and a new field needs no
+parser code. ``--config FILE`` starts from a saved configuration (e.g. a run's ``config.json``) instead
+of the preset; flags given after it override it. Multi-GPU: ``torchrun --nproc_per_node=N -m fpe_lab.run
+cifar10 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from fpe_lab import config as cfg
+from fpe_lab import distributed, runs
+from fpe_lab.build import resolve_device
+from fpe_lab.checkpoint import ConfigMismatchError, write_config
+from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.config import Leaf, RunConfig, _strip_optional, leaves
+
+__all__ = ["add_parser", "add_config_arguments", "config_from_args"]
+
+log = logging.getLogger(__name__)
+
+PRESETS: tuple[tuple[str, Callable[[], RunConfig], str], ...] = (
+    ("toy2d", cfg.toy2d, "train a score model on 2-D toy data (DSM [+ regularizer]) and evaluate it against the truth"),
+    ("cifar10", cfg.cifar10, "the same with a U-Net on CIFAR-10 (pickle batches read from --data-dir)"),
+    ("digits", cfg.digits, "the same on scikit-learn's offline 8×8 digits (CPU-sized images)"),
+)
+
+
+# ---------------------------------------------------------------------- flags from the configuration
+def _none_or(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_leaf(parser: argparse.ArgumentParser, leaf: Leaf, default: Any) -> None:
+    kind, optional = _strip_optional(leaf.kind)
+    shown = default.value if isinstance(default, enum.Enum) else default
+    if isinstance(shown, tuple):
+        shown = " ".join(f"{v:g}" for v in shown)
+    help_text = f"{leaf.help} (default: {shown})".replace("%", "%%")
+    common = dict(dest="/".join(leaf.path), default=argparse.SUPPRESS, help=help_text)
+    flag = f"--{leaf.flag}"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        parser.add_argument(flag, choices=[m.value for m in kind], **common)
+    elif kind is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+    elif typing.get_origin(kind) is tuple:
+        (inner, _) = typing.get_args(kind)
+        parser.add_argument(flag, nargs="+", type=inner, metavar=inner.__name__.upper(), **common)
+    else:
+        parser.add_argument(flag, type=_none_or(kind) if optional else kind,
+                            metavar=kind.__name__.upper() + ("|none" if optional else ""), **common)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the run configuration (help shows ``defaults``), plus ``--config FILE``."""
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="start from this configuration (JSON, e.g. a run's config.json) instead of the preset; "
+                        "flags override it")
+    for leaf in leaves():
+        if leaf.flag not in skip:
+            _add_leaf(parser, leaf, leaf.get(defaults))
+
+
+def config_from_args(args: argparse.Namespace, preset: Callable[[], RunConfig]) -> RunConfig:
+    """The preset (or ``--config``'s configuration) with the given flags applied; CLIError on bad values."""
+    base = preset()
+    if getattr(args, "config", None) is not None:
+        path = Path(args.config)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise CLIError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        try:
+            base = RunConfig.from_json(text)
+        except ValueError as e:
+            raise CLIError(f"--config {path}: {e}") from None
+    by_dest = {"/".join(leaf.path): leaf for leaf in leaves()}
+    changes: dict[tuple[str, ...], Any] = {}
+    for dest, value in vars(args).items():
+        leaf = by_dest.get(dest)
+        if leaf is not None:
+            changes[leaf.path] = tuple(value) if isinstance(value, list) else value
+    try:
+        return base.override(changes)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+# ---------------------------------------------------------------------- parsers
+def add_parser(subparsers) -> None:
+    for name, preset, help_text in PRESETS:
+        p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Defaults: the {name} preset. "
+                                  + (__doc__ or "").split("\n\n")[1].replace("\n", " "))
+        add_config_arguments(p, preset())
+        p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder (default: runs)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue the run in its folder; with a larger --steps, grow a finished run")
+        p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and run folder; train nothing")
+        p.set_defaults(handler=_train_command, preset=preset)
+        one_line_errors(p)
+    e = subparsers.add_parser("eval", help="re-evaluate a run folder (rewrites its metrics.json and figures)",
+                              description="Re-evaluate the EMA weights of a run folder; --eval-* flags override the "
+                              "run's evaluation settings (recorded in its config.json).")
+    e.add_argument("run_dir", type=Path, help="a run folder written by toy2d, cifar10 or digits")
+    for leaf in leaves():
+        if leaf.path[0] == "eval" or leaf.flag == "device":
+            _add_leaf(e, leaf, leaf.get(cfg.toy2d()))
+    e.set_defaults(handler=_eval_command)
+    one_line_errors(e)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    config = config_from_args(args, args.preset)
+    try:
+        env = distributed.init_from_env()
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"distributed setup failed: {e}") from None
+    distributed.quiet_other_ranks(env)
+    try:
+        if not env.is_distributed:
+            resolve_device(config.device)  # fails before any work
+        if args.print_config or args.dry_run:
+            if env.is_main:
+                sys.stdout.write(config.to_json() + "\n")
+                if args.dry_run:
+                    sys.stdout.write(f"run folder: {runs.run_dir(config, args.out)}\n")
+            return 0
+        run = runs.train(config, Path(args.out), resume=args.resume, env=env)
+    except (ValueError, ConfigMismatchError, FloatingPointError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    finally:
+        distributed.shutdown(env)
+    log.info("wrote %s", run.path)
+    return 0
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    try:
+        run = runs.load(args.run_dir)
+        by_dest = {"/".join(leaf.path): leaf for leaf in leaves()}
+        changes = {by_dest[d].path: (tuple(v) if isinstance(v, list) else v)
+                   for d, v in vars(args).items() if d in by_dest}
+        if changes:
+            run = runs.Run(run.path, run.config.override(changes))
+            write_config(run.path, run.config.to_dict())
+        report = runs.evaluate(run)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        raise CLIError(str(e)) from None
+    log.info("%s\nwrote %s", runs.summary(report), run.path / runs.METRICS_NAME)
+    return 0
