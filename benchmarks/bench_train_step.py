@@ -6,10 +6,11 @@ D-dimensional points. Three variants per MLP size, same initial weights and batc
 * ``dsm``          DSM only (sigma² weighting);
 * ``fpe-generic``  DSM + lam·E w(t)‖R‖², R from fpe_lab.fpe.score_fpe_residual (JVP in t + D reverse
                    passes for ∇·s + one reverse pass for ∇φ, all with create_graph=True);
-* ``fpe-jet``      the same loss, R from fpe_lab.nets.jet.jet_score_fpe_residual (one jet pass);
-* ``fpe-jet-shared`` the same loss again, but DSM takes s from the jet's value stream instead of a
-                   second forward pass (built here from fpe_lab.losses' pieces, since ScoreFPELoss
-                   calls the score and the residual separately); checked equal to ``fpe-jet``'s loss.
+* ``fpe-jet``      the same loss, R from the jet pass (fpe_lab.nets.jet) called as a plain residual
+                   function, so DSM runs its own forward pass (two passes);
+* ``fpe-jet-shared`` the same loss through the library path: FPERegularizer with
+                   ``residual=jet_score_fpe_residual`` at the DSM points hands the jet's value stream
+                   to DSM (ScoreFPELoss, SharesScore), one pass fewer; checked equal to ``fpe-jet``'s loss.
 
 Time: the variants run round-robin (each repeat runs ``--steps`` steps of every variant in turn), so
 load drifts on a shared machine hit all of them alike; the ratio is the median over repeats of
@@ -43,9 +44,9 @@ from step_memory import peak_step_memory, sync
 from tqdm import tqdm
 
 from fpe_lab.fpe import score_fpe_residual
-from fpe_lab.losses import FPERegularizer, LossTerms, ScoreFPELoss, perturb
+from fpe_lab.losses import FPERegularizer, ScoreFPELoss
 from fpe_lab.model import ScoreModel
-from fpe_lab.nets.jet import jet_score_fpe_residual, residual_from_jet, score_jet
+from fpe_lab.nets.jet import jet_score_fpe_residual
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
@@ -79,46 +80,39 @@ class Trainer:
                 reg = None
             case "fpe-generic":
                 reg = FPERegularizer(lam=0.1, residual=score_fpe_residual)
-            case "fpe-jet" | "fpe-jet-shared":
+            case "fpe-jet":
+                reg = FPERegularizer(lam=0.1, residual=_two_pass_jet_residual)
+            case "fpe-jet-shared":
                 reg = FPERegularizer(lam=0.1, residual=jet_score_fpe_residual)
             case _:
                 raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
         self.loss = ScoreFPELoss(setup.sde, eps=1e-5, regularizer=reg)
-        self.shared = variant == "fpe-jet-shared"
         self.gen = torch.Generator(device=setup.device).manual_seed(seed + 1)
         self.x0 = torch.randn(setup.batch, setup.dim, generator=self.gen, device=setup.device, dtype=setup.dtype)
 
-    def shared_loss(self) -> LossTerms:
-        """ScoreFPELoss with a jet regularizer at the perturbed points, s taken from the jet."""
-        loss, reg = self.loss, self.loss.regularizer
-        t, z = loss.draw(self.x0, self.gen)
-        x_t = perturb(loss.sde, self.x0, t, z)
-        jet = score_jet(self.model, x_t, t)
-        sigma = loss.sde.marginal(t)[1][:, None]
-        dsm = (loss.weighting.weight(loss.sde, t) * (jet.value + z / sigma).pow(2).sum(-1)).mean()
-        fpe = (reg.weighting.weight(loss.sde, t) * residual_from_jet(jet, loss.sde, x_t, t).pow(2).sum(-1)).mean()
-        return LossTerms(total=dsm + reg.lam * fpe, dsm=dsm, fpe=fpe)
-
     def step(self) -> float:
-        terms = self.shared_loss() if self.shared else self.loss(self.model, self.x0, self.gen)
+        terms = self.loss(self.model, self.x0, self.gen)
         self.opt.zero_grad(set_to_none=True)
         terms.total.backward()
         self.opt.step()
         return float(terms.total.detach())
 
 
+def _two_pass_jet_residual(model, sde, x, t, divergence=None, create_graph=False):
+    """The jet residual as a plain function (no ``with_score``), so ScoreFPELoss runs DSM's own forward."""
+    return jet_score_fpe_residual(model, sde, x, t, divergence=divergence, create_graph=create_graph)
+
+
 def check_shared_loss(setup: Setup) -> None:
-    """The shared-forward loss is the same number as ScoreFPELoss with the jet residual."""
-    tr = Trainer("fpe-jet-shared", setup)
-    state = tr.gen.get_state()
-    shared = tr.shared_loss()
-    tr.gen.set_state(state)
-    reference = tr.loss(tr.model, tr.x0, tr.gen)
-    for name in ("dsm", "fpe"):
-        a, b = getattr(shared, name).item(), getattr(reference, name).item()
+    """The shared-forward loss (library path) is the same number as the two-pass jet loss."""
+    shared, two_pass = Trainer("fpe-jet-shared", setup), Trainer("fpe-jet", setup)
+    a_terms = shared.loss(shared.model, shared.x0, shared.gen)
+    b_terms = two_pass.loss(two_pass.model, two_pass.x0, two_pass.gen)
+    for name in ("dsm", "reg"):
+        a, b = getattr(a_terms, name).item(), getattr(b_terms, name).item()
         # float32 round-off of two evaluation orders of the same term
         if abs(a - b) > 1e-4 * abs(b):
-            raise RuntimeError(f"shared-forward {name} term {a} differs from ScoreFPELoss's {b}")
+            raise RuntimeError(f"shared-forward {name} term {a} differs from the two-pass loss's {b}")
 
 
 def matmul_flop_ratio(setup: Setup) -> dict[str, float | None]:

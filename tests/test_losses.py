@@ -56,14 +56,14 @@ def test_regularizer_vanishes_at_exact_mixture_score(sde, weighting):
     t = 1e-3 + (1 - 1e-3) * torch.rand(256, generator=g, dtype=torch.float64)
     x = perturb(sde, gm.sample(256, g), t, torch.randn(256, 2, generator=g, dtype=torch.float64))
     reg = FPERegularizer(lam=1.0, weighting=weighting)
-    exact = reg(gm.score_fn(sde), sde, x, t)
+    exact = reg.penalty_at(gm.score_fn(sde), sde, x, t)
     # the same weighted size of the terms that cancel in R: the scale the round-off is relative to
     scale = weighting.weight(sde, t) * score_fpe_terms(gm.score_fn(sde), sde, x, t).scale ** 2
     assert exact.shape == (256,)
     assert torch.all(exact <= 1e-20 * scale + 1e-300)  # ‖R‖² at float64 round-off: (1e-10 relative)²
 
     # a deliberately wrong score (the exact score of another time) is not a solution
-    wrong = reg(lambda y, s: gm.score(y, (s * 1.2).clamp(max=1.0), sde), sde, x, t)
+    wrong = reg.penalty_at(lambda y, s: gm.score(y, (s * 1.2).clamp(max=1.0), sde), sde, x, t)
     assert torch.median(wrong / scale) > 1e-4
 
 
@@ -115,16 +115,19 @@ def test_combined_loss_terms_and_points(points):
     terms = loss(model, x0, torch.Generator().manual_seed(4))
     torch.testing.assert_close(terms.total, terms.dsm + 0.3 * terms.fpe, rtol=1e-14, atol=0)  # float64 round-off
 
-    # recompute by hand from the same generator stream: t, z (and t', z' when resampled)
+    # recompute by hand from the same generator stream: t, z (then the permutation and z' when resampled)
     g = torch.Generator().manual_seed(4)
-    t, z = loss.draw(x0, g)
+    t, z, weight = loss.draw(x0, g)
+    assert torch.equal(weight, torch.ones_like(t))  # uniform time: no importance weight
     torch.testing.assert_close(terms.dsm, dsm_loss(model, sde, x0, t, z).mean(), rtol=1e-12, atol=0)
+    x_r = perturb(sde, x0, t, z)
     if points is FPEPoints.RESAMPLED:
-        t, z = loss.draw(x0, g)
-    x_r = perturb(sde, x0, t, z)[:16]
-    r = score_fpe_residual(model, sde, x_r, t[:16])
+        perm = torch.randperm(64, generator=g)
+        x_r = perturb(sde, x0[perm], t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+    r = score_fpe_residual(model, sde, x_r[:16], t[:16])
     w = FPEWeighting.NORMALIZED.weight(sde, t[:16])
     torch.testing.assert_close(terms.fpe, (w * r.pow(2).sum(-1)).mean(), rtol=1e-10, atol=0)  # float64 round-off
+    assert terms.reg is terms.fpe and terms.floats()["reg"] == terms.floats()["fpe"]  # the alias
 
     # the FPE term alone has a nonzero parameter gradient (create_graph=True reached the weights)
     grads = torch.autograd.grad(terms.fpe, list(model.parameters()), allow_unused=True)
@@ -160,7 +163,7 @@ def test_smallest_time_is_finite_in_float32(sde, fpe_weighting, weighting):
     t = torch.full((64,), eps)
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(8))
     dsm = dsm_loss(model, sde, x0, t, z, weighting).mean()
-    fpe = FPERegularizer(lam=1.0, weighting=fpe_weighting)(model, sde, perturb(sde, x0, t, z), t).mean()
+    fpe = FPERegularizer(lam=1.0, weighting=fpe_weighting)(model, sde, x0, t, z, None).mean()
     total = dsm + fpe
     assert torch.isfinite(total), (dsm, fpe)
     grads = torch.autograd.grad(total, list(model.parameters()))

@@ -31,9 +31,9 @@ reference it is tested against), so with ``create_graph=True`` the residual can 
 
 Use: ``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and result as
 :func:`fpe_lab.fpe.score_fpe_residual`, with a ``ScoreModel(TimeMLP, sde)`` as the score function).
-A loss that evaluates s at the same points (DSM at the perturbed points) can instead call
-``score_jet`` once and take s from ``jet.value`` and R from ``residual_from_jet``: one forward
-pass fewer. Cost per training step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about
+A loss that evaluates s at the same points (DSM at the perturbed points) calls
+``jet_score_fpe_residual.with_score`` instead, which returns s (the jet's value stream) beside R: one
+forward pass fewer (``fpe_lab.losses.FPERegularizer`` does so at the DSM points). Cost per training step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about
 7 matmul streams, so ~7-8x a DSM step (~6-7x with the shared value), vs ~10-13x for the generic path.
 """
 
@@ -53,7 +53,7 @@ from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import SDE, LinearSDE
 from fpe_lab.shapes import batch_time
 
-__all__ = ["ScoreJet", "score_jet", "residual_from_jet", "jet_score_fpe_residual"]
+__all__ = ["ScoreJet", "score_jet", "residual_from_jet", "JetScoreFPEResidual", "jet_score_fpe_residual"]
 
 
 def _pairs(d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,32 +262,69 @@ def residual_from_jet(jet: ScoreJet, sde: LinearSDE, x: torch.Tensor, t: torch.T
     return jet.dt - (0.5 * g2 * (jet.grad_div + 2 * jt_s) - a * (jt_x + s))
 
 
-def jet_score_fpe_residual(
-    model: ScoreModel,
-    sde: SDE,
-    x: torch.Tensor,
-    t: torch.Tensor | float,
-    divergence: ExactDivergence | None = None,
-    create_graph: bool = False,
-) -> torch.Tensor:
-    """R = ∂_t s − [½g² (∇(∇·s) + 2Jᵀs) − a(t) (Jᵀx + s)] for f = a(t) x, shape (b, D).
+class JetScoreFPEResidual:
+    """The jet residual as a residual function; one instance, :data:`jet_score_fpe_residual`.
 
-    Same signature and result as :func:`fpe_lab.fpe.score_fpe_residual` for a
-    ``ScoreModel(TimeMLP, ...)`` and a :class:`~fpe_lab.sde.LinearSDE`, from one jet pass.
-
-    Args:
-        model: ``fpe_lab.model.ScoreModel`` with a ``TimeMLP`` net (SiLU).
-        sde: a ``LinearSDE`` (VE, VP, sub-VP): the FPE's drift a(t) x and diffusion g(t).
-        x: points, shape (b, D) with D = ``model.net.dim``.
-        t: times in [0, 1], shape (b,) or scalar.
-        divergence: ``None`` or ``ExactDivergence()``; the jet's divergence is always exact.
-        create_graph: keep the graph so R can be differentiated w.r.t. the parameters.
+    ``__call__`` has the signature and result of :func:`fpe_lab.fpe.score_fpe_residual` (a
+    ``fpe_lab.losses.ResidualFn``); ``with_score`` returns the jet's value stream s beside R, so a
+    loss that also needs s at the same points (DSM at the perturbed points) skips its own forward
+    pass (``fpe_lab.losses.FPERegularizer`` does this when it evaluates R at the DSM points).
     """
-    if divergence is not None and not isinstance(divergence, ExactDivergence):
-        raise ValueError(
-            f"divergence must be None or fpe.ExactDivergence() for the jet path (it is exact); got {divergence!r}"
-        )
-    _check_linear_sde(sde)
-    with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-        r = residual_from_jet(score_jet(model, x, t), sde, x, t)
-    return r if create_graph else r.detach()
+
+    def with_score(
+        self,
+        model: ScoreModel,
+        sde: SDE,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        divergence: ExactDivergence | None = None,
+        create_graph: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, R) at x (b, D), t (b,) or scalar, each of shape (b, D), from one jet pass.
+
+        s is ``jet.value`` = −n_θ(x, t)/sigma(t), the same function as ``model(x, t)`` (equal to
+        round-off); R = ∂_t s − [½g² (∇(∇·s) + 2Jᵀs) − a(t) (Jᵀx + s)]. Arguments as in ``__call__``.
+        """
+        if divergence is not None and not isinstance(divergence, ExactDivergence):
+            raise ValueError(
+                f"divergence must be None or fpe.ExactDivergence() for the jet path (it is exact); got {divergence!r}"
+            )
+        _check_linear_sde(sde)
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            jet = score_jet(model, x, t)
+            r = residual_from_jet(jet, sde, x, t)
+        if create_graph:
+            return jet.value, r
+        return jet.value.detach(), r.detach()
+
+    def __call__(
+        self,
+        model: ScoreModel,
+        sde: SDE,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        divergence: ExactDivergence | None = None,
+        create_graph: bool = False,
+    ) -> torch.Tensor:
+        """R = ∂_t s − [½g² (∇(∇·s) + 2Jᵀs) − a(t) (Jᵀx + s)] for f = a(t) x, shape (b, D).
+
+        Same signature and result as :func:`fpe_lab.fpe.score_fpe_residual` for a
+        ``ScoreModel(TimeMLP, ...)`` and a :class:`~fpe_lab.sde.LinearSDE`, from one jet pass.
+
+        Args:
+            model: ``fpe_lab.model.ScoreModel`` with a ``TimeMLP`` net (SiLU).
+            sde: a ``LinearSDE`` (VE, VP, sub-VP): the FPE's drift a(t) x and diffusion g(t).
+            x: points, shape (b, D) with D = ``model.net.dim``.
+            t: times in [0, 1], shape (b,) or scalar.
+            divergence: ``None`` or ``ExactDivergence()``; the jet's divergence is always exact.
+            create_graph: keep the graph so R can be differentiated w.r.t. the parameters.
+        """
+        return self.with_score(model, sde, x, t, divergence=divergence, create_graph=create_graph)[1]
+
+    def __repr__(self) -> str:
+        return "jet_score_fpe_residual"
+
+
+jet_score_fpe_residual = JetScoreFPEResidual()
+"""R of a ``ScoreModel(TimeMLP)`` by one jet pass: ``jet_score_fpe_residual(model, sde, x, t, divergence=None,
+create_graph=False)``; ``jet_score_fpe_residual.with_score(...)`` returns (s, R)."""
