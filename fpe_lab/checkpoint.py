@@ -29,7 +29,6 @@ __all__ = [
     "load_checkpoint",
     "write_config",
     "read_config",
-    "check_same_config",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -108,13 +107,3 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def check_same_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:
-    """Raise :class:`ConfigMismatchError` naming every differing key if ``run_dir`` holds another config."""
-    saved = read_config(run_dir)
-    keys = sorted(set(saved) | set(config))
-    diff = [f"{k}: saved {saved.get(k, '<missing>')!r} vs requested {config.get(k, '<missing>')!r}"
-            for k in keys if saved.get(k, "<missing>") != config.get(k, "<missing>")]
-    if diff:
-        raise ConfigMismatchError(f"run folder {run_dir} holds a different config ({'; '.join(diff)})")

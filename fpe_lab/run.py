@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from fpe_lab.commands import CLIError
+from fpe_lab.commands import CLIError, one_line_errors
 
 # The commands, in the order ``--help`` shows them. Add a module here to add a command.
 COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study")
@@ -21,23 +21,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fpe_lab.run",
         description="fpe_lab: the score Fokker-Planck equation testbed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"fpe_lab.commands.{name}").add_parser(sub)
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done; 2 bad input (one ``error:`` line); 1 environment failure
+    (permissions, disk full, out of memory: one ``error:`` line); 130/143 interrupted by SIGINT/SIGTERM
+    after writing a checkpoint. No traceback unless ``--debug``."""
+    from fpe_lab.train import TrainingInterrupted
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (already printed on one line) and --help
+        return int(e.code or 0)
     try:
         return int(args.handler(args) or 0)
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"error: interrupted: {e}; rerun the same command with --resume to continue", file=sys.stderr)
+        return e.exit_code
+    except (OSError, MemoryError) as e:
+        if args.debug:
+            raise
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else (str(e) or type(e).__name__)
+        print(f"error: {what.splitlines()[0]} (check the path's permissions and free space or memory)", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the contract: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: unexpected {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
