@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fpe_lab.figures", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                   help="toy2d run folders of one data set and SDE (e.g. runs/study/*/)")
+                   help="finished toy2d run folders of one data set and SDE (e.g. runs/study/gmm_vp_*/)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (PNG, PDF, CSV)")
     p.add_argument("--lam", type=float, default=None,
                    help="DSM+FPE weight shown in the field figures (default: the largest λ of the runs)")

@@ -10,15 +10,19 @@ which stays positive on a log axis (a ± std band would not). One curve per λ; 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from fpe_lab.figures.output import save_figure, write_csv
-from fpe_lab.figures.runs import Run, by_lam
-from fpe_lab.figures.style import FULL_WIDTH, lam_color, lam_label, paper_style
+from fpe_lab.figures.runs import Run, RunFolderError, by_lam
+from fpe_lab.figures.style import FULL_WIDTH, lam_color, lam_label, new_figure, paper_style
+from fpe_lab.metrics.evaluate import PerTime
 
-__all__ = ["seed_band", "per_time_figure"]
+__all__ = ["Panel", "seed_band", "per_time_figure"]
+
+Panel = tuple[str, Callable[[PerTime], "tuple[float, ...] | None"], str]
+"""(metric name for the CSV, its per-time values read from the report's PerTime, y label)."""
 
 
 def seed_band(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,9 +36,16 @@ def seed_band(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray
     return np.exp(m), np.exp(m - s), np.exp(m + s)
 
 
-def per_time_figure(runs: Sequence[Run], panels: Sequence[tuple[str, str]], out: Path, stem: str,
-                    title: str) -> list[Path]:
-    """One panel per (metric, y label), metric a key of metrics.json "per_time", against t (log–log).
+def _values(run: Run, name: str, get: Callable[[PerTime], tuple[float, ...] | None]) -> tuple[float, ...]:
+    values = get(run.report.per_time)
+    if values is None:
+        raise RunFolderError(f"run folder {run.path}: metrics.json has no per_time.{name}")
+    return values
+
+
+def per_time_figure(runs: Sequence[Run], panels: Sequence[Panel], out: Path, stem: str, title: str) -> list[Path]:
+    """One panel per (metric, getter, y label) against t (log–log), the getter reading the metric's
+    per-time values from each run's report.
 
     Writes ``stem.{png,pdf,csv}`` into ``out``; the CSV has one row per (metric, λ, t).
     """
@@ -43,12 +54,11 @@ def per_time_figure(runs: Sequence[Run], panels: Sequence[tuple[str, str]], out:
     times = np.asarray(runs[0].times)
     rows = []
     with paper_style():
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(panels), figsize=(FULL_WIDTH, 2.4), squeeze=False)
-        for ax, (metric, ylabel) in zip(axes[0], panels):
+        fig = new_figure((FULL_WIDTH, 2.4))
+        axes = fig.subplots(1, len(panels), squeeze=False)
+        for ax, (metric, get, ylabel) in zip(axes[0], panels):
             for lam, group in groups.items():
-                values = [r.per_time(metric) for r in group]
+                values = [_values(r, metric, get) for r in group]
                 m, lo, hi = seed_band(values)
                 color = lam_color(lam, lams)
                 ax.plot(times, m, "o-", color=color, label=f"{lam_label(lam)} (n={len(group)})")
@@ -62,7 +72,7 @@ def per_time_figure(runs: Sequence[Run], panels: Sequence[tuple[str, str]], out:
             ax.set_ylabel(ylabel)
         axes[0, 0].legend(loc="best")
         cfg = runs[0].config
-        fig.suptitle(f"{title} vs t, {cfg.data.value}, {cfg.sde.value.upper()} SDE "
+        fig.suptitle(f"{title} vs t, {cfg.data.name.value}, {cfg.sde.kind.value.upper()} SDE "
                      "(geometric mean over seeds; band: ×/÷ geometric std)")
         paths = save_figure(fig, out, stem)
     paths.append(write_csv(out, stem, ["metric", "lam", "t", "n_seeds", "geo_mean", "band_lo", "band_hi"], rows))

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fpe_lab.figures.output import save_figure, write_csv
-from fpe_lab.figures.style import COLUMN_WIDTH, FLOOR_COLOR, TRUTH_COLOR, paper_style
+from fpe_lab.figures.style import COLUMN_WIDTH, FLOOR_COLOR, TRUTH_COLOR, new_figure, paper_style
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import BoundaryWarning, Grid, Method, ResolutionWarning, solve_fokker_planck
 from fpe_lab.sde import LinearSDE
@@ -95,9 +95,8 @@ def make(sde: LinearSDE, sde_name: str, out: Path, grids: Sequence[int] = DEFAUL
               ("score_rms", r"score $\|\nabla\log p_h - \nabla\log p_t\|_{L^2(p_t)}$", "s", FLOOR_COLOR))
     orders = {key: fitted_order(n, [r[key] for r in rows]) for key, *_ in series}
     with paper_style():
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.1))
+        fig = new_figure((COLUMN_WIDTH, 3.1))
+        ax = fig.subplots()
         for key, label, marker, color in series:
             err = np.array([r[key] for r in rows])
             ax.plot(n, err, "-", color=color, label=f"{label}: order {orders[key]:.2f}")

@@ -17,7 +17,7 @@ import numpy as np
 from fpe_lab.figures.fields import curl_on, log_prob_on, plot_grid
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.runs import Run, RunFolderError, pick_run
-from fpe_lab.figures.style import COLUMN_WIDTH, SIGNED_CMAP, Variant, paper_style
+from fpe_lab.figures.style import COLUMN_WIDTH, SIGNED_CMAP, Variant, new_figure, paper_style
 
 __all__ = ["DEFAULT_TIMES", "make"]
 
@@ -34,7 +34,7 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         raise RunFolderError(f"the curl figure needs a DSM run and a DSM+FPE run; none of the given run folders is "
                              f"{' or '.join(missing)}")
     ref = chosen[0][1]
-    sde, truth, bounds = ref.sde(), ref.truth(), ref.data().bounds
+    sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
     models = {v: r.score_model() for v, r in chosen}
     columns, rows = [], []
     for t in times:
@@ -47,10 +47,9 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
                  for i in range(x.shape[0])]
 
     with paper_style():
-        import matplotlib.pyplot as plt
-
         nt = len(times)
-        fig, axes = plt.subplots(2, nt, figsize=(max(COLUMN_WIDTH, 1.75 * nt + 0.5), 4.1), squeeze=False)
+        fig = new_figure((max(COLUMN_WIDTH, 1.75 * nt + 0.5), 4.1))
+        axes = fig.subplots(2, nt, squeeze=False)
         for j, (t, grid, log_p, curls) in enumerate(columns):
             # robust symmetric limit: the 99th percentile of |curl| over both rows (a few grid corners far
             # from the data would otherwise wash out the map)
@@ -62,7 +61,8 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
                                vmin=-lim, vmax=lim, aspect="equal")
                 ax.contour(grid.axis, grid.axis, p_rel, levels=[1e-2, 1e-1], colors="0.35", linewidths=0.5)
                 k = run.times.index(t) if t in run.times else None
-                stat = f", $E|$curl$|$={run.per_time('curl_abs')[k]:.2g}" if k is not None else ""
+                curl_abs = run.report.per_time.curl_abs
+                stat = f", $E|$curl$|$={curl_abs[k]:.2g}" if k is not None and curl_abs is not None else ""
                 ax.set_title(f"{v.value}, t = {t:g}{stat}", color=v.color, fontsize=7)
                 ax.set_xlabel("$x_1$")
                 ax.set_ylabel("$x_2$")
@@ -70,7 +70,7 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
             fig.colorbar(im, ax=axes[:, j], orientation="horizontal", shrink=0.85,
                          label=r"curl $\partial_1 s_2 - \partial_2 s_1$ (1/length$^2$)")
         cfg = ref.config
-        fig.suptitle(f"Curl of the learned score, {cfg.data.value}, {cfg.sde.value.upper()} "
+        fig.suptitle(f"Curl of the learned score, {cfg.data.name.value}, {cfg.sde.kind.value.upper()} "
                      f"(DSM+FPE λ={chosen[1][1].lam:g})")
         paths = save_figure(fig, out, STEM)
     paths.append(write_csv(out, STEM, ["t", "x1", "x2", "curl_dsm", "curl_dsmfpe"], rows))

@@ -18,24 +18,25 @@ import torch
 from fpe_lab.figures.fields import PlotGrid, log_prob_on
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.runs import Run, RunFolderError, by_lam, pick_run
-from fpe_lab.figures.style import DENSITY_CMAP, FULL_WIDTH, TRUTH_COLOR, Variant, paper_style
+from fpe_lab.figures.style import DENSITY_CMAP, FULL_WIDTH, TRUTH_COLOR, Variant, new_figure, paper_style
 from fpe_lab.likelihood import pf_ode_nll
 
 __all__ = ["make", "nll_summary"]
 
 STEM = "density"
-# PF-ODE tolerances of the picture (the NLL numbers in the titles come from metrics.json, solved at 1e-5):
-# 1e-4 keeps the log-density error to ~0.1 nats (REFERENCE.md §4: 2.4e-2 at 1e-5), ~10% of the colour
+# PF-ODE tolerances of the picture (the NLL numbers in the titles come from metrics.json, solved at the
+# run's eval rtol, 1e-5 by default): 1e-4 keeps the log-density error to ~0.1 nats, ~10% of the colour
 # of a pixel, and solves the 48² grid several times faster.
 RTOL = ATOL = 1e-4
 
 
 def nll_summary(runs: Sequence[Run]) -> tuple[float, float, float] | None:
     """(mean, std over runs of model NLL in nats, mean true NLL) from metrics.json; None without NLL."""
-    vals = [(r.metrics.get("nll") or {}).get("model_nats") for r in runs]
-    true = [(r.metrics.get("nll") or {}).get("true_nats") for r in runs]
-    if any(v is None for v in vals + true):
+    nlls = [r.report.nll for r in runs]
+    if any(n is None or n.true_nats is None for n in nlls):
         return None
+    vals = [n.model_nats for n in nlls]
+    true = [n.true_nats for n in nlls]
     v = np.asarray(vals, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(np.mean(true))
 
@@ -48,8 +49,8 @@ def make(runs: Sequence[Run], out: Path, n: int = 48, lam: float | None = None, 
         raise RunFolderError(f"the density figure needs a DSM run and a DSM+FPE run; none of the given run folders is "
                              f"{' or '.join(missing)}")
     ref = chosen[0][1]
-    sde, truth, bounds = ref.sde(), ref.truth(), ref.data().bounds
-    eps = float((ref.metrics.get("nll") or {}).get("eps", ref.config.eps))
+    sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
+    eps = float(ref.report.nll.eps if ref.report.nll is not None else ref.config.loss.eps)
     half = max(abs(v) for pair in bounds for v in pair)
     grid = PlotGrid(-half, half, n)
     x = grid.points
@@ -61,9 +62,8 @@ def make(runs: Sequence[Run], out: Path, n: int = 48, lam: float | None = None, 
     nll = {v.value: nll_summary(groups[run.lam]) for v, run in chosen}
 
     with paper_style():
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 3, figsize=(FULL_WIDTH, 2.55), squeeze=False)
+        fig = new_figure((FULL_WIDTH, 2.55))
+        axes = fig.subplots(1, 3, squeeze=False)
         vmax = float(np.exp(fields["true"]).max())
         for ax, (key, log_p) in zip(axes[0], fields.items()):
             im = ax.imshow(grid.image(np.exp(log_p)), origin="lower", extent=grid.extent, cmap=DENSITY_CMAP,
@@ -83,7 +83,7 @@ def make(runs: Sequence[Run], out: Path, n: int = 48, lam: float | None = None, 
             ax.set_ylabel("$x_2$")
         fig.colorbar(im, ax=axes[0, :], shrink=0.9, label=r"density $p_\varepsilon(x)$ (1/area)")
         cfg = ref.config
-        fig.suptitle(f"Model density vs truth at ε={eps:g}, {cfg.data.value}, {cfg.sde.value.upper()} SDE "
+        fig.suptitle(f"Model density vs truth at ε={eps:g}, {cfg.data.name.value}, {cfg.sde.kind.value.upper()} SDE "
                      "(NLL of held-out data, mean ± std over seeds)")
         paths = save_figure(fig, out, STEM)
     rows = [[float(x[i, 0]), float(x[i, 1])] + [float(f[i]) for f in fields.values()] for i in range(x.shape[0])]

@@ -63,7 +63,7 @@ def make_all(run_dirs: Sequence[str | Path], out: str | Path, options: FigureOpt
             raise RunFolderError(f"the figures compare DSM with DSM+FPE: none of the given run folders is "
                                  f"{v.value}{what} (λ of the runs: {sorted({r.lam for r in runs})})")
         run.score_model()  # the checkpoint loads (else: RunFolderError naming the folder)
-    sde = runs[0].sde()
+    sde = runs[0].sde
     jobs = [
         ("residual vs t", lambda d: residual.make(runs, d)),
         ("score error vs t", lambda d: score_error.make(runs, d)),
@@ -71,7 +71,7 @@ def make_all(run_dirs: Sequence[str | Path], out: str | Path, options: FigureOpt
         ("score fields", lambda d: score_fields.make(runs, d, options.field_times, options.field_grid, options.lam)),
         ("curl", lambda d: curl.make(runs, d, options.curl_times, options.field_grid, options.lam)),
         ("density", lambda d: density.make(runs, d, options.density_grid, options.lam, progress=False)),
-        ("solver convergence", lambda d: convergence.make(sde, runs[0].config.sde.value.upper(), d,
+        ("solver convergence", lambda d: convergence.make(sde, runs[0].config.sde.kind.value.upper(), d,
                                                           options.solver_grids, progress=False)),
     ]
     written: list[Path] = []

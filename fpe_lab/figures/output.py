@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 __all__ = ["FIGURE_FORMATS", "save_figure", "write_csv", "staged_output"]
@@ -25,13 +24,12 @@ FIGURE_FORMATS = ("png", "pdf")
 
 
 def save_figure(fig: Figure, folder: Path, stem: str) -> list[Path]:
-    """Save ``fig`` as ``folder/stem.png`` and ``folder/stem.pdf`` and close it; returns the paths."""
+    """Save ``fig`` as ``folder/stem.png`` and ``folder/stem.pdf``; returns the paths."""
     paths = []
     for ext in FIGURE_FORMATS:
         path = Path(folder) / f"{stem}.{ext}"
         fig.savefig(path)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 

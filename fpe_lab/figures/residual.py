@@ -23,6 +23,7 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     """Draw ``fpe_residual_vs_t.{png,pdf,csv}`` into ``out``."""
     return per_time_figure(
         runs,
-        [("fpe_residual", r"residual $E\,\|R_\theta\|^2$  (length$^{-2}$ time$^{-2}$)"),
-         ("fpe_residual_rel", "relative residual\n" r"$E\|R_\theta\|^2 / E[\mathrm{terms}^2]$")],
+        [("fpe_residual", lambda p: p.fpe_residual, r"residual $E\,\|R_\theta\|^2$  (length$^{-2}$ time$^{-2}$)"),
+         ("fpe_residual_rel", lambda p: p.fpe_residual_rel,
+          "relative residual\n" r"$E\|R_\theta\|^2 / E[\mathrm{terms}^2]$")],
         out, STEM, "Score-FPE residual")

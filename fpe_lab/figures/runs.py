@@ -1,53 +1,59 @@
-"""Run folders as the figures see them: the resolved config, the metrics, the trained score model.
+"""Run folders as the figures see them: finished 2-D runs with their evaluation report, grouped by λ.
 
-A run folder (written by ``python -m fpe_lab.run toy2d`` or ``study``) holds ``config.json``
-(:class:`~fpe_lab.config.Toy2dConfig`), ``metrics.json`` (the dict of
-:func:`fpe_lab.metrics.evaluate`) and ``checkpoint.pt`` (state dicts, EMA weights under "ema").
-Figures read these and never train. Anything missing or inconsistent is a :class:`RunFolderError`
-naming the folder and what is wrong, raised before any figure is drawn.
+Folders are read by :func:`fpe_lab.runs.load` (``config.json``, the :class:`~fpe_lab.config.RunConfig`;
+``metrics.json``, the :class:`~fpe_lab.metrics.evaluate.EvalReport`; ``checkpoint.pt``, the EMA
+weights). Figures read these and never train. What is figure-specific lives here: a run must be
+finished (trained to its planned steps and evaluated at that step), hold 2-D toy data with a known
+truth, and fit with the other runs of a figure (one data set, SDE and time grid). Anything else is a
+:class:`RunFolderError` naming the folder and what is wrong, raised before any figure is drawn.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fpe_lab.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, load_checkpoint
-from fpe_lab.config import Regularizer, Toy2dConfig, build_data, build_model, build_sde
+from fpe_lab import build
+from fpe_lab import runs as run_folders
+from fpe_lab.checkpoint import CHECKPOINT_NAME
+from fpe_lab.config import RegKind, RunConfig, Weights
 from fpe_lab.figures.style import Variant
+from fpe_lab.metrics.evaluate import EvalReport
 from fpe_lab.metrics.truth import MixtureTruth, ToyTruth, Truth
 from fpe_lab.sde import LinearSDE
 
-__all__ = ["METRICS_NAME", "RunFolderError", "Run", "load_run", "load_runs", "by_lam", "pick_run"]
+__all__ = ["RunFolderError", "Run", "load_run", "load_runs", "by_lam", "pick_run"]
 
-METRICS_NAME = "metrics.json"
-
-# What the figures read from metrics.json (the schema of fpe_lab.metrics.evaluate).
-_REQUIRED_METRICS = ("times", "per_time", "mean")
-_REQUIRED_PER_TIME = ("fpe_residual", "fpe_residual_rel", "score_error", "score_error_rel")
+METRICS_NAME = run_folders.METRICS_NAME
 
 
 class RunFolderError(ValueError):
-    """A run folder is missing, incomplete, or does not fit with the other runs of a figure."""
+    """A run folder is missing, unfinished, or does not fit with the other runs of a figure."""
 
 
 @dataclass(frozen=True)
 class Run:
-    """One finished run: its folder, resolved config and metrics dict."""
+    """One finished run: its folder (:class:`fpe_lab.runs.Run`) and the report of its final weights."""
 
-    path: Path
-    config: Toy2dConfig
-    metrics: dict
+    folder: run_folders.Run
+    report: EvalReport
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    @property
+    def config(self) -> RunConfig:
+        return self.folder.config
 
     @property
     def lam(self) -> float:
-        """The regularizer weight actually used: 0 for plain DSM (``reg=none``), whatever ``lam`` says."""
-        return 0.0 if self.config.reg is Regularizer.NONE else float(self.config.lam)
+        """The regularizer weight: 0 for plain DSM (``reg none``)."""
+        reg = self.config.loss.reg
+        return 0.0 if reg.kind is RegKind.NONE else float(reg.lam)
 
     @property
     def variant(self) -> Variant:
@@ -59,101 +65,94 @@ class Run:
 
     @property
     def times(self) -> list[float]:
-        return [float(t) for t in self.metrics["times"]]
+        return [float(t) for t in self.report.times]
 
-    def per_time(self, metric: str) -> list[float]:
-        try:
-            return [float(v) for v in self.metrics["per_time"][metric]]
-        except KeyError:
-            raise RunFolderError(f"run folder {self.path}: {METRICS_NAME} has no per_time metric {metric!r}") from None
-
+    @property
     def sde(self) -> LinearSDE:
-        return build_sde(self.config.sde)
+        return self.folder.sde
 
     def data(self):
-        return build_data(self.config)
+        """The run's toy distribution (``bounds``, ``sample``, exact p_0)."""
+        return build.build_data(self.config)
 
     def truth(self) -> Truth:
         """The exact p_t of the run's data under its SDE (closed form for mixtures, quadrature otherwise)."""
-        data, sde = self.data(), self.sde()
+        data, sde = self.data(), self.sde
         return MixtureTruth(data.mixture, sde) if data.mixture is not None else ToyTruth(data, sde)
 
     def score_model(self) -> torch.nn.Module:
         """The trained score model with the EMA weights (what ``metrics.json`` was computed with),
         float64, in eval mode."""
-        path = self.path / CHECKPOINT_NAME
-        if not path.is_file():
-            raise RunFolderError(f"run folder {self.path} is incomplete: no {CHECKPOINT_NAME} (needed for field figures)")
         try:
-            state = load_checkpoint(path)
-            model = build_model(self.config, self.sde(), dtype=torch.float64)
-            model.load_state_dict(state["ema"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise RunFolderError(f"run folder {self.path}: cannot load the EMA weights from {CHECKPOINT_NAME}: {e}") from None
-        return model.eval().requires_grad_(False)
+            return self.folder.model(weights=Weights.EMA, dtype=torch.float64)
+        except (run_folders.RunError, ValueError, FileNotFoundError) as e:
+            raise RunFolderError(f"run folder {self.path}: cannot load the EMA weights from {CHECKPOINT_NAME}: "
+                                 f"{e}") from None
 
     def __str__(self) -> str:
         return f"{self.path} ({self.variant.value}, λ={self.lam:g}, seed {self.seed})"
 
 
-def _read_json(path: Path, run_dir: Path) -> dict:
-    if not path.is_file():
-        raise RunFolderError(f"run folder {run_dir} is incomplete: no {path.name}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunFolderError(f"run folder {run_dir}: {path.name} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise RunFolderError(f"run folder {run_dir}: {path.name} must hold a JSON object; got {type(value).__name__}")
-    return value
-
-
 def load_run(path: str | Path) -> Run:
-    """Read one run folder; :class:`RunFolderError` if it is missing or incomplete."""
-    run_dir = Path(path)
-    if not run_dir.is_dir():
-        raise RunFolderError(f"run folder {run_dir} does not exist (or is not a folder)")
+    """Read one finished 2-D run folder; :class:`RunFolderError` if it is missing, unfinished or not 2-D."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunFolderError(f"run folder {path} does not exist (or is not a folder)")
     try:
-        config = Toy2dConfig.from_dict(_read_json(run_dir / CONFIG_NAME, run_dir))
-    except RunFolderError:
-        raise
-    except ValueError as e:
-        raise RunFolderError(f"run folder {run_dir}: {CONFIG_NAME} is not a toy2d config: {e}") from None
-    metrics = _read_json(run_dir / METRICS_NAME, run_dir)
-    missing = [k for k in _REQUIRED_METRICS if k not in metrics]
-    missing += [f"per_time.{k}" for k in _REQUIRED_PER_TIME if k not in metrics.get("per_time", {})]
+        folder = run_folders.load(path)
+        config = folder.config
+        if config.data.name.is_image:
+            raise RunFolderError(f"run folder {path} holds {config.data.name.value} images; the figures need runs "
+                                 "on 2-D toy data")
+        done, planned = folder.steps_done, config.optim.steps
+        report = folder.report
+    except (run_folders.RunError, ValueError, OSError) as e:
+        if isinstance(e, RunFolderError):
+            raise
+        raise RunFolderError(str(e) if str(path) in str(e) else f"run folder {path}: {e}") from None
+    if done != planned or report is None or report.step != done:
+        what = f"{done} of {planned} planned steps done"
+        if done == 0:
+            what += f" (no {CHECKPOINT_NAME})"
+        elif report is None:
+            what += f", not evaluated (no {METRICS_NAME})"
+        elif report.step != done:
+            what += f", {METRICS_NAME} is of step {report.step}"
+        hint = f"evaluate it with `python -m fpe_lab.run eval {path}`" if done == planned else \
+            f"finish it with `python -m fpe_lab.run toy2d --config {path / 'config.json'} --resume --out {path.parent}`"
+        raise RunFolderError(f"run folder {path} is not finished: {what}; {hint}")
+    pt = report.per_time
+    missing = [name for name, v in (("score_error", pt.score_error), ("score_error_rel", pt.score_error_rel))
+               if v is None]
     if missing:
-        raise RunFolderError(f"run folder {run_dir} is incomplete: {METRICS_NAME} lacks {', '.join(missing)}")
-    n_t = len(metrics["times"])
-    for k in _REQUIRED_PER_TIME:
-        values = metrics["per_time"][k]
-        if len(values) != n_t or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise RunFolderError(f"run folder {run_dir}: per_time.{k} in {METRICS_NAME} must be {n_t} finite numbers")
-    return Run(run_dir, config, metrics)
+        raise RunFolderError(f"run folder {path} is incomplete: {METRICS_NAME} lacks "
+                             f"{', '.join('per_time.' + m for m in missing)} (evaluated without the exact truth)")
+    return Run(folder, report)
 
 
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Read several run folders that belong in one figure: same data set, SDE and evaluation times.
 
-    Raises :class:`RunFolderError` naming the offending folder for a missing/incomplete folder, a
-    folder given twice, or a data set / SDE / time grid that differs from the first run's.
+    Raises :class:`RunFolderError` naming the offending folder for a missing/unfinished folder, a
+    folder given twice, two folders of the same λ and seed, or a data set / SDE / time grid that
+    differs from the first run's.
     """
     if not paths:
         raise RunFolderError("no run folders given")
-    runs: list[Run] = []
-    seen: dict[Path, Path] = {}
+    loaded: list[Run] = []
+    seen: set[Path] = set()
     for p in paths:
         run = load_run(p)
         key = run.path.resolve()
         if key in seen:
             raise RunFolderError(f"run folder {run.path} is given twice")
-        seen[key] = run.path
-        runs.append(run)
-    first = runs[0]
-    for run in runs[1:]:
+        seen.add(key)
+        loaded.append(run)
+    first = loaded[0]
+    for run in loaded[1:]:
         for what, a, b in (
-            ("data set", first.config.data.value, run.config.data.value),
-            ("SDE", first.config.sde.value, run.config.sde.value),
+            ("data set", first.config.data.name.value, run.config.data.name.value),
+            ("SDE", first.config.sde.kind.value, run.config.sde.kind.value),
             ("evaluation times", first.times, run.times),
         ):
             if a != b:
@@ -161,10 +160,12 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
                     f"run folder {run.path} has {what} {b} but {first.path} has {a}: one figure compares runs of "
                     "one data set and SDE; pass them separately"
                 )
-        twins = [r for r in runs if r is not run and r.lam == run.lam and r.seed == run.seed]
+    for i, run in enumerate(loaded):
+        twins = [r for r in loaded[:i] if r.lam == run.lam and r.seed == run.seed]
         if twins:
-            raise RunFolderError(f"run folders {twins[0].path} and {run.path} are the same (λ={run.lam:g}, seed {run.seed})")
-    return runs
+            raise RunFolderError(f"run folders {twins[0].path} and {run.path} are the same run "
+                                 f"(λ={run.lam:g}, seed {run.seed})")
+    return loaded
 
 
 def by_lam(runs: Sequence[Run]) -> dict[float, list[Run]]:

@@ -22,6 +22,7 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     """Draw ``score_error_vs_t.{png,pdf,csv}`` into ``out``."""
     return per_time_figure(
         runs,
-        [("score_error", r"score error $E\,\|s_\theta - \nabla\log p_t\|^2$  (length$^{-2}$)"),
-         ("score_error_rel", "relative score error\n" r"$E\|s_\theta - \nabla\log p_t\|^2 / E\|\nabla\log p_t\|^2$")],
+        [("score_error", lambda p: p.score_error, r"score error $E\,\|s_\theta - \nabla\log p_t\|^2$  (length$^{-2}$)"),
+         ("score_error_rel", lambda p: p.score_error_rel,
+          "relative score error\n" r"$E\|s_\theta - \nabla\log p_t\|^2 / E\|\nabla\log p_t\|^2$")],
         out, STEM, "Score error")

@@ -19,7 +19,7 @@ from matplotlib.colors import LogNorm
 from fpe_lab.figures.fields import log_prob_on, plot_grid, score_on
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.runs import Run, RunFolderError, pick_run
-from fpe_lab.figures.style import DENSITY_CMAP, ERROR_CMAP, FULL_WIDTH, Variant, paper_style
+from fpe_lab.figures.style import DENSITY_CMAP, ERROR_CMAP, FULL_WIDTH, Variant, new_figure, paper_style
 
 __all__ = ["DEFAULT_TIMES", "make"]
 
@@ -51,7 +51,7 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         raise RunFolderError(f"the score-field figure needs a DSM run and a DSM+FPE run{'' if lam is None else f' at λ={lam:g}'}; "
                              f"none of the given run folders is {' or '.join(missing)}")
     ref = chosen[0][1]
-    sde, truth, bounds = ref.sde(), ref.truth(), ref.data().bounds
+    sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
     models = {v: r.score_model() for v, r in chosen}
     rows, panels = [], []
     for t in times:
@@ -72,10 +72,9 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
     norm = LogNorm(vmin=max(np.percentile(all_err, 1), 1e-6), vmax=max(all_err.max(), 1e-5))
 
     with paper_style():
-        import matplotlib.pyplot as plt
-
         nt = len(times)
-        fig, axes = plt.subplots(3, nt, figsize=(FULL_WIDTH, 6.6), squeeze=False)
+        fig = new_figure((FULL_WIDTH, 6.6))
+        axes = fig.subplots(3, nt, squeeze=False)
         for j, (t, grid, s_true, log_p, errs) in enumerate(panels):
             p_rel = grid.image(np.exp(log_p - log_p.max()))
             ax = axes[0, j]
@@ -105,7 +104,7 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         fig.colorbar(im_e, ax=axes[1:, :], shrink=0.6,
                      label=r"$\sigma(t)\,|s_\theta - \nabla\log p_t|$ (ε-prediction error)")
         cfg = ref.config
-        fig.suptitle(f"Score fields, {cfg.data.value}, {cfg.sde.value.upper()} SDE (arrows: directions; "
+        fig.suptitle(f"Score fields, {cfg.data.name.value}, {cfg.sde.kind.value.upper()} SDE (arrows: directions; "
                      f"DSM+FPE λ={chosen[1][1].lam:g}; seed {ref.seed})")
         paths = save_figure(fig, out, STEM)
     header = ["t", "x1", "x2", "log_p_true", "s_true_1", "s_true_2", "s_dsm_1", "s_dsm_2", "s_dsmfpe_1", "s_dsmfpe_2"]

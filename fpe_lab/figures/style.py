@@ -13,11 +13,8 @@ import enum
 from typing import Iterator
 
 import matplotlib
-
-matplotlib.use("Agg")  # figures are files; never open a window (also safe on headless machines)
-
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import to_rgb  # noqa: E402
+from matplotlib.colors import to_rgb
+from matplotlib.figure import Figure
 
 __all__ = [
     "Variant",
@@ -31,6 +28,7 @@ __all__ = [
     "lam_color",
     "lam_label",
     "paper_style",
+    "new_figure",
 ]
 
 # Widths of a two-column paper (NeurIPS/ICML: one column ≈ 3.25 in, full text width ≈ 6.75 in).
@@ -103,5 +101,11 @@ def paper_style() -> Iterator[None]:
         "pdf.fonttype": 42,  # embed TrueType: text stays text in the PDF
         "image.cmap": DENSITY_CMAP,
     }
-    with plt.rc_context(rc):
+    with matplotlib.rc_context(rc):
         yield
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure that is a file, not a window: a plain :class:`~matplotlib.figure.Figure` (no pyplot, no
+    global backend), with constrained layout. Create it inside :func:`paper_style`."""
+    return Figure(figsize=figsize, layout="constrained")

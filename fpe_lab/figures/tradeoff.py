@@ -13,34 +13,33 @@ break of the symmetric-log axis):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.runs import Run, by_lam
-from fpe_lab.figures.style import FLOOR_COLOR, FULL_WIDTH, lam_color, paper_style
+from fpe_lab.figures.style import FLOOR_COLOR, FULL_WIDTH, lam_color, new_figure, paper_style
+from fpe_lab.metrics.evaluate import EvalReport
 
 __all__ = ["PANELS", "make"]
 
 STEM = "lambda_tradeoff"
 
-# (column, path into metrics.json, y label, log y axis)
-PANELS: tuple[tuple[str, tuple[str, ...], str, bool], ...] = (
-    ("fpe_residual_rel", ("mean", "fpe_residual_rel"), "relative FPE residual\n(time average)", True),
-    ("nll_gap_nats", ("nll", "gap_nats"), "NLL gap model − true\n(nats)", False),
-    ("score_error_rel", ("mean", "score_error_rel"), "relative score error\n(time average)", True),
-    ("sw_sde_vs_data", ("samples", "sliced_wasserstein", "sde_vs_data"), "sliced W$_2$ SDE samples\nvs data (length)", False),
+
+def _time_mean(values: tuple[float, ...] | None) -> float | None:
+    return None if values is None else sum(values) / len(values)
+
+
+# (column, the number read from a run's EvalReport (None: not measured), y label, log y axis)
+PANELS: tuple[tuple[str, Callable[[EvalReport], float | None], str, bool], ...] = (
+    ("fpe_residual_rel", lambda r: _time_mean(r.per_time.fpe_residual_rel), "relative FPE residual\n(time average)",
+     True),
+    ("nll_gap_nats", lambda r: r.nll.gap_nats if r.nll is not None else None, "NLL gap model − true\n(nats)", False),
+    ("score_error_rel", lambda r: _time_mean(r.per_time.score_error_rel), "relative score error\n(time average)", True),
+    ("sw_sde_vs_data", lambda r: r.samples.sliced_wasserstein.sde_vs_data if r.samples is not None else None,
+     "sliced W$_2$ SDE samples\nvs data (length)", False),
 )
-
-
-def _get(metrics: dict, path: tuple[str, ...]) -> float | None:
-    v = metrics
-    for k in path:
-        if not isinstance(v, dict) or k not in v:
-            return None
-        v = v[k]
-    return float(v) if isinstance(v, (int, float)) else None
 
 
 def make(runs: Sequence[Run], out: Path) -> list[Path]:
@@ -51,13 +50,12 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
     linthresh = min(positive) if positive else 1.0
     rows = []
     with paper_style():
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, len(PANELS), figsize=(FULL_WIDTH, 2.2), squeeze=False)
-        for ax, (name, path, ylabel, logy) in zip(axes[0], PANELS):
+        fig = new_figure((FULL_WIDTH, 2.2))
+        axes = fig.subplots(1, len(PANELS), squeeze=False)
+        for ax, (name, get, ylabel, logy) in zip(axes[0], PANELS):
             xs, ms, ss = [], [], []
             for lam, group in groups.items():
-                vals = [v for v in (_get(r.metrics, path) for r in group) if v is not None]
+                vals = [float(v) for v in (get(r.report) for r in group) if v is not None]
                 if not vals:
                     continue
                 m = float(np.mean(vals))
@@ -69,8 +67,7 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
             if xs:
                 ax.plot(xs, ms, "-", color="0.6", lw=0.8, zorder=0)
             if name == "sw_sde_vs_data":
-                floors = [_get(r.metrics, ("samples", "sliced_wasserstein", "floor")) for r in runs]
-                floors = [f for f in floors if f is not None]
+                floors = [r.report.samples.sliced_wasserstein.floor for r in runs if r.report.samples is not None]
                 if floors:
                     ax.axhline(float(np.mean(floors)), color=FLOOR_COLOR, ls=":", lw=1, label="noise floor")
                     ax.legend(loc="best")
@@ -88,7 +85,7 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
             ax.set_ylabel(ylabel)
         cfg = runs[0].config
         seeds = sorted({len(g) for g in groups.values()})
-        fig.suptitle(f"λ trade-off, {cfg.data.value}, {cfg.sde.value.upper()} SDE: mean ± std over "
+        fig.suptitle(f"λ trade-off, {cfg.data.name.value}, {cfg.sde.kind.value.upper()} SDE: mean ± std over "
                      f"{'/'.join(map(str, seeds))} seeds per λ")
         paths = save_figure(fig, out, STEM)
     paths.append(write_csv(out, STEM, ["metric", "lam", "n_seeds", "mean", "std"], rows))

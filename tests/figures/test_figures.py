@@ -63,7 +63,7 @@ def test_per_time_csv_holds_the_plotted_numbers(tiny_runs, tmp_path):
     residual.make(runs, tmp_path)
     rows = [r.split(",") for r in (tmp_path / "fpe_residual_vs_t.csv").read_text().splitlines()[1:]]
     dsm = [r for r in rows if r[0] == "fpe_residual" and float(r[1]) == 0 and float(r[2]) == runs[0].times[0]]
-    vals = [r.per_time("fpe_residual")[0] for r in runs if r.lam == 0]
+    vals = [r.report.per_time.fpe_residual[0] for r in runs if r.lam == 0]
     assert len(dsm) == 1
     # geometric mean of the two seeds, written with 10 significant digits
     assert float(dsm[0][4]) == pytest.approx(np.sqrt(vals[0] * vals[1]), rel=1e-9)
@@ -130,6 +130,36 @@ def test_incomplete_folder(tiny_runs, tmp_path, capsys):
     msg = _fails([str(broken), str(tiny_runs[2]), "--out", str(out)] + FAST, capsys)
     assert str(broken) in msg and "checkpoint.pt" in msg
     assert not out.exists()
+
+
+def test_unfinished_run_names_steps_done_and_planned(tiny_runs, tmp_path, capsys):
+    grown = tmp_path / "grown"
+    shutil.copytree(tiny_runs[0], grown)
+    config = json.loads((grown / "config.json").read_text())
+    config["optim"]["steps"] = 8  # planned 8, trained 4: an interrupted (or growing) run
+    (grown / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "figs"
+    msg = _fails([str(grown), str(tiny_runs[2]), "--out", str(out)] + FAST, capsys)
+    assert str(grown) in msg and "not finished" in msg and "4 of 8" in msg
+    with pytest.raises(RunFolderError, match="4 of 8"):
+        load_runs([tiny_runs[2], grown])
+    config["optim"]["steps"] = 4
+    (grown / "config.json").write_text(json.dumps(config))
+    metrics = json.loads((grown / "metrics.json").read_text())
+    metrics["step"] = 2  # a report of older weights than the checkpoint's
+    (grown / "metrics.json").write_text(json.dumps(metrics))
+    msg = _fails([str(grown), str(tiny_runs[2]), "--out", str(out)] + FAST, capsys)
+    assert str(grown) in msg and "not finished" in msg and "step 2" in msg
+    assert not out.exists()
+
+
+def test_runs_read_lam_and_report(tiny_runs):
+    runs = load_runs(tiny_runs)
+    assert [(r.lam, r.seed) for r in runs] == [(0.0, 0), (0.0, 1), (0.1, 0), (0.1, 1)]
+    assert [r.variant for r in runs] == [Variant.DSM] * 2 + [Variant.DSM_FPE] * 2
+    assert all(r.report.step == 4 and r.times == [0.05, 0.2, 0.5, 1.0] for r in runs)
+    with pytest.raises(RunFolderError, match="given twice"):
+        load_runs([tiny_runs[0], tiny_runs[0]])
 
 
 def test_mismatched_sde_and_missing_variant(tiny_runs, ve_run, tmp_path, capsys):
