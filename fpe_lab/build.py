@@ -27,7 +27,7 @@ from fpe_lab.config import (
     TimeDerivativeKind,
 )
 from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, score_fpe_residual
-from fpe_lab.losses import FPERegularizer, ScoreFPELoss
+from fpe_lab.losses import ConservativeRegularizer, FPERegularizer, HODSMRegularizer, ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
@@ -148,26 +148,30 @@ def _residual_function(config: RunConfig):
 
 
 def build_loss(config: RunConfig, sde: LinearSDE) -> ScoreFPELoss:
-    """L = E lambda(t)‖s_θ + z/sigma‖² + lam · E w(t)‖R_θ‖² (lam/D with ``per_dim``)."""
+    """L = E lambda(t)‖s_θ + z/sigma‖² + lam · (the regularizer's per-sample term), lam/D with ``per_dim``."""
     reg = config.loss.reg
+    lam = reg.lam / config.dim if reg.per_dim else reg.lam
+    exact = reg.divergence is DivergenceKind.EXACT
     match reg.kind:
         case RegKind.NONE:
             regularizer = None
         case RegKind.FPE:
-            match reg.divergence:
-                case DivergenceKind.EXACT:
-                    divergence = None
-                case DivergenceKind.HUTCHINSON:
-                    divergence = Hutchinson(reg.probes, reg.probe)
             regularizer = FPERegularizer(
-                lam=reg.lam / config.dim if reg.per_dim else reg.lam,
+                lam=lam,
                 weighting=reg.weighting,
                 points=reg.points,
                 n_points=reg.n_points,
-                divergence=divergence,
+                divergence=None if exact else Hutchinson(reg.probes, reg.probe),
                 residual=_residual_function(config),
+                estimator=reg.estimator,
             )
-    return ScoreFPELoss(sde=sde, eps=config.loss.eps, weighting=config.loss.dsm_weighting, regularizer=regularizer)
+        case RegKind.CONSERVATIVE:
+            regularizer = ConservativeRegularizer(lam=lam, weighting=reg.conservative_weighting, n_points=reg.n_points,
+                                                  probes=None if exact else reg.probes, probe=reg.probe)
+        case RegKind.HODSM:
+            regularizer = HODSMRegularizer(lam=lam, order=reg.hodsm_order, n_points=reg.n_points)
+    return ScoreFPELoss(sde=sde, eps=config.loss.eps, weighting=config.loss.dsm_weighting, regularizer=regularizer,
+                        time_sampling=config.loss.time_sampling)
 
 
 def init_weights(model: ScoreModel, config: RunConfig) -> None:

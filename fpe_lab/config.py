@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from fpe_lab.fpe import Probe
-from fpe_lab.losses import DSMWeighting, FPEPoints, FPEWeighting
+from fpe_lab.losses import ConservativeWeighting, DSMWeighting, FPEEstimator, FPEPoints, FPEWeighting, TimeSampling
 from fpe_lab.metrics.evaluate import DEFAULT_TIMES
 from fpe_lab.nets.unet import UNetSize
 
@@ -108,6 +108,8 @@ class RegKind(enum.Enum):
 
     NONE = "none"  # plain DSM (lam = 0)
     FPE = "fpe"  # lam · E w(t)‖R_θ‖², the score-FPE residual (FP-Diffusion)
+    CONSERVATIVE = "conservative"  # lam · E w(t)‖J − Jᵀ‖²_F, the asymmetry penalty (Chao et al. 2023)
+    HODSM = "hodsm"  # high-order denoising score matching (Lu et al. 2022)
 
 
 class DivergenceKind(enum.Enum):
@@ -317,7 +319,8 @@ class ModelConfig(_Section):
 class RegConfig(_Section):
     """The regularizer: L = L_dsm + lam · E w(t)‖R_θ‖² (or lam/D with ``per_dim``)."""
 
-    kind: RegKind = setting(RegKind.FPE, "regularizer: none (plain DSM) or fpe (the score-FPE residual)", flag="reg")
+    kind: RegKind = setting(RegKind.FPE, "regularizer: none (plain DSM), fpe (the score-FPE residual), conservative "
+                            "(‖J − Jᵀ‖² penalty), hodsm (high-order DSM)", flag="reg")
     lam: float = setting(0.1, "its weight lam >= 0 (0 is plain DSM)")
     weighting: FPEWeighting = setting(FPEWeighting.NORMALIZED, "w(t): normalized = sigma^6/g^4, g2 = g^2 (the paper's), one",
                                       flag="fpe-weighting")
@@ -325,12 +328,17 @@ class RegConfig(_Section):
                                 flag="fpe-points")
     n_points: int | None = setting(None, "evaluate R on the first N points of each batch (none: all)", flag="fpe-batch")
     per_dim: bool = setting(False, "divide the term by D (images)")
-    divergence: DivergenceKind = setting(DivergenceKind.EXACT, "∇·s inside R: exact or hutchinson")
+    estimator: FPEEstimator = setting(FPEEstimator.SQUARED, "‖R̂‖² (squared, the paper's) or ⟨R̂₁, R̂₂⟩ (unbiased)",
+                                      flag="fpe-estimator")
+    divergence: DivergenceKind = setting(DivergenceKind.EXACT, "∇·s inside R (and J for conservative): exact or hutchinson")
     probes: int = setting(1, "Hutchinson probes per sample")
     probe: Probe = setting(Probe.RADEMACHER, "Hutchinson probe distribution")
     dt: TimeDerivativeKind = setting(TimeDerivativeKind.JVP, "∂_t s inside R: jvp (exact) or fd (clipped central difference)")
     fd_step: float = setting(1e-3, "h of the finite-difference ∂_t s (with --dt fd)")
     residual_path: ResidualPath = setting(ResidualPath.JET, "jet (Taylor mode, MLP only) or generic (autograd)")
+    conservative_weighting: ConservativeWeighting = setting(
+        ConservativeWeighting.SIGMA4, "conservative: w(t) = sigma^4 (O(1) at every t), sigma2 (Chao et al.'s), one")
+    hodsm_order: int = setting(2, "hodsm: 2 (second order) or 3 (with the third-order trace term)")
 
     def __post_init__(self) -> None:
         self._check_enums()
@@ -342,6 +350,7 @@ class RegConfig(_Section):
             _check_int("fpe_batch", self.n_points, 1)
         _check_int("probes", self.probes, 1, 1024)
         _check_float("fd_step", self.fd_step, 0.0, 0.5, lo_open=True)
+        _check_int("hodsm_order", self.hodsm_order, 2, 3)
         if self.residual_path is ResidualPath.JET and self.kind is RegKind.FPE:
             if self.divergence is not DivergenceKind.EXACT or self.dt is not TimeDerivativeKind.JVP:
                 raise ValueError("residual_path jet computes the exact divergence and ∂_t by forward mode; "
@@ -357,6 +366,8 @@ class RegConfig(_Section):
 class LossConfig(_Section):
     dsm_weighting: DSMWeighting = setting(DSMWeighting.SIGMA2, "DSM lambda(t): sigma2 or likelihood (g^2)")
     eps: float = setting(1e-3, "smallest training time; start of the NLL integration and end of sampling")
+    time_sampling: TimeSampling = setting(TimeSampling.UNIFORM, "t ~ U[eps, 1] (uniform) or ∝ g²/sigma² with the "
+                                          "weight divided out (importance)")
     reg: RegConfig = section(RegConfig, "the regularizer")
 
     def __post_init__(self) -> None:
@@ -438,7 +449,7 @@ class RunConfig(_Section):
         _check_int("seed", self.seed, 0, 2**62)
         _check_int("threads", self.threads, 1, 1024)
         reg = self.loss.reg
-        if reg.kind is not RegKind.NONE and self.data.name.is_image and reg.residual_path is ResidualPath.JET:
+        if reg.kind is RegKind.FPE and self.data.name.is_image and reg.residual_path is ResidualPath.JET:
             raise ValueError(f"residual_path jet needs the MLP of point data; data {self.data.name.value} uses the "
                              "U-Net: use --residual-path generic")
         if reg.n_points is not None and reg.n_points > self.optim.batch:

@@ -118,6 +118,10 @@ class Run:
         """The ScoreModel with the checkpoint's EMA (or raw) weights, in eval mode."""
         model = build.build_model(self.config, self.sde)
         state = load_checkpoint(self.path / CHECKPOINT_NAME)
+        trained_for = state.get("fingerprint")
+        if trained_for != self.config.fingerprint():
+            raise RunError(f"run folder {self.path}: its {CONFIG_NAME} (fingerprint {self.config.fingerprint()}) is not "
+                           f"the configuration its checkpoint was trained with ({trained_for}); was it edited by hand?")
         try:
             model.load_state_dict(state[weights.value])
         except (KeyError, RuntimeError) as e:
@@ -236,7 +240,7 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         options = TrainOptions(steps=config.optim.steps, lr=config.optim.lr, ema_decay=config.optim.ema_decay,
                                seed=distributed.rank_seed(config.seed, env), ckpt_every=config.optim.ckpt_every,
                                keep=config.optim.keep, grad_clip=config.optim.grad_clip,
-                               progress=progress and env.is_main)
+                               progress=progress and env.is_main, fingerprint=config.fingerprint())
         log.info("run folder %s (%d process(es), device %s)\n%s", folder, env.world_size, device, sde)
         step_log = _StepLog(folder / LOG_NAME, load_checkpoint(folder / CHECKPOINT_NAME)["step"] if resuming else 0) \
             if env.is_main else None
@@ -269,16 +273,22 @@ def _bf16(loss_fn):
 
 
 # ---------------------------------------------------------------------- evaluation
-def evaluate(run: Run, progress: bool = True, device: torch.device | str | None = None) -> EvalReport:
+def evaluate(run: Run, progress: bool = True, device: torch.device | str | None = None,
+             allow_partial: bool = False) -> EvalReport:
     """Evaluate the EMA weights of ``run`` with its ``config.eval`` settings; write metrics.json and figures.
 
     Points: float64 on the CPU against the exact truth of the toy set. Images: the model's dtype on
     ``device`` (default: the configured device), held-out test images, bits/dim with dequantization.
+    An unfinished run (fewer steps done than planned) is refused unless ``allow_partial``; the report
+    records the step it was computed at.
     """
     config = run.config
     done = run.steps_done
     if done == 0:
         raise RunError(f"run folder {run.path} has no checkpoint to evaluate")
+    if done < config.optim.steps and not allow_partial:
+        raise RunError(f"run folder {run.path} is unfinished: {done} of {config.optim.steps} steps done; "
+                       "resume it with --resume, or pass --allow-partial to evaluate it as it is")
     from fpe_lab.metrics.truth import MixtureTruth, ToyTruth
 
     with threads(config.threads):

@@ -81,6 +81,8 @@ class TrainOptions:
         keep: numbered snapshots kept (the oldest are removed; 0: none).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         progress: show a tqdm bar with the DSM and FPE losses.
+        fingerprint: stored in every checkpoint, so a run folder can tell whether its checkpoint
+            was trained for its configuration.
     """
 
     steps: int
@@ -91,6 +93,7 @@ class TrainOptions:
     keep: int = 3
     grad_clip: float | None = None
     progress: bool = True
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         for name, v in (("steps", self.steps), ("ckpt_every", self.ckpt_every)):
@@ -239,6 +242,7 @@ def train(
             "step": step,
             "rng": _rng_state(gens),
             "history": history[:step].clone(),
+            "fingerprint": options.fingerprint,
         }
         save_checkpoint(ckpt_path, state)
         if snapshot and options.keep > 0:

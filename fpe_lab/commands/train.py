@@ -118,6 +118,7 @@ def add_parser(subparsers) -> None:
                               description="Re-evaluate the EMA weights of a run folder; --eval-* flags override the "
                               "run's evaluation settings (recorded in its config.json).")
     e.add_argument("run_dir", type=Path, help="a run folder written by toy2d, cifar10 or digits")
+    e.add_argument("--allow-partial", action="store_true", help="evaluate an unfinished run as it is")
     for leaf in leaves():
         if leaf.path[0] == "eval" or leaf.flag == "device":
             _add_leaf(e, leaf, leaf.get(cfg.toy2d()))
@@ -156,10 +157,11 @@ def _eval_command(args: argparse.Namespace) -> int:
         by_dest = {"/".join(leaf.path): leaf for leaf in leaves()}
         changes = {by_dest[d].path: (tuple(v) if isinstance(v, list) else v)
                    for d, v in vars(args).items() if d in by_dest}
+        run.model()  # the checkpoint must fit config.json before anything is rewritten
         if changes:
             run = runs.Run(run.path, run.config.override(changes))
             write_config(run.path, run.config.to_dict())
-        report = runs.evaluate(run)
+        report = runs.evaluate(run, allow_partial=args.allow_partial)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise CLIError(str(e)) from None
     log.info("%s\nwrote %s", runs.summary(report), run.path / runs.METRICS_NAME)
