@@ -725,12 +725,25 @@ class HODSMRegularizer:
 
     What is implemented (per sample, x of shape (b, *dims) flattened to D coordinates):
 
-        order 2:  (‖E2‖²_F + (tr E2)²) / D
-        order 3:  the order-2 term + ‖E3‖² / D
+    * ``probes=None`` (exact; forms (D, D) matrices, meant for low-dimensional points; J by D reverse
+      passes with create_graph, ∇ tr ∇s_θ by one more):
 
-    with the exact Jacobian (D reverse passes with create_graph; ∇ tr ∇s_θ one more), which forms
-    (D, D) matrices: meant for low-dimensional points. (For images Lu et al. project E2 and E3 on one
-    Rademacher probe v, E2 v and vᵀE2v, without forming D×D matrices; that form is not implemented here.)
+          order 2:  (‖E2‖²_F + (tr E2)²) / D
+          order 3:  the order-2 term + ‖E3‖² / D
+
+    * ``probes=k`` (Lu et al.'s form for images, no D×D matrix): per Rademacher probe v from the
+      loss's generator, with Jv by one forward-mode JVP and ∇_x(vᵀJv) by one reverse pass over it,
+
+          E2 v = sigma² Jv + v − ⟨w, v⟩ w,           vᵀE2 v = sigma² vᵀJv + ‖v‖² − ⟨w, v⟩²,
+          E3_v = sigma³ ∇_x(vᵀJv) + ⟨w, v⟩² w − (vᵀĈv) w − 2⟨w, v⟩ Ĉv,
+
+          order 2:  (‖E2 v‖² + (vᵀE2 v)²) / D,   order 3: + ‖E3_v‖² / D,   averaged over the k probes.
+
+      E_v‖E2 v‖² = ‖E2‖²_F and E_v[E3_v] = E3 (E[vvᵀ] = I), while (vᵀE2 v)² and ‖E3_v‖² exceed their
+      exact counterparts by the probe variance; for fixed v, the conditional mean of E3_v given x is
+      still zero at the true score (the target's mean is κ₃(v, v, ·) = −sigma³ ∇(vᵀ∇s v)), so the
+      exact score stays stationary.
+
     The 1/D keeps their balance with DSM (they average over coordinates where DSM here sums), and the
     sigma², sigma³ factors make E2, E3 O(1) at every t (the sigma² convention of DSM), so no further
     time weighting is applied.
@@ -739,17 +752,21 @@ class HODSMRegularizer:
         lam: weight lam ≥ 0 in the loss.
         order: 2 or 3.
         n_points: evaluate at the first ``n_points`` DSM points only (None: all).
+        probes: None (exact Jacobian) or the number k ≥ 1 of Rademacher probes (images).
     """
 
     lam: float
     order: int = 2
     n_points: int | None = None
+    probes: int | None = None
 
     def __post_init__(self) -> None:
         _check_lam(self.lam)
         if isinstance(self.order, bool) or self.order not in (2, 3):
             raise ValueError(f"order must be 2 or 3 (second- or third-order score matching); got {self.order!r}")
         _check_n_points(self.n_points)
+        if self.probes is not None and (isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1):
+            raise ValueError(f"probes must be None (exact Jacobian) or an int >= 1; got {self.probes!r}")
 
     def __call__(
         self,
@@ -763,10 +780,21 @@ class HODSMRegularizer:
         """The :class:`Regularizer` call: the order-2 (or 3) penalty at the (first n_points) DSM points, (m,)."""
         x_t, tt, zz = _first(self.n_points, perturb(sde, x0, t, z), t, z)
         x = _leaf(x_t)
-        s = _check_score(score_fn(x, tt), x)
-        b, d = x.shape[0], flat_dim(x)
         sigma = sde.marginal(tt)[1][:, None]
-        w = zz.reshape(b, d) + sigma * s.detach().reshape(b, d)  # z − ε̂, ε̂ = −sigma s_θ (stop-gradient)
+        if self.probes is None:
+            return self._exact(score_fn, x, tt, zz, sigma)
+        pen = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for _ in range(self.probes):
+            pen = pen + self._projected(score_fn, x, tt, zz, sigma, _draw_probe(x, Probe.RADEMACHER, generator))
+        return pen / self.probes
+
+    def _exact(
+        self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor
+    ) -> torch.Tensor:
+        """(‖E2‖²_F + (tr E2)²)/D (+ ‖E3‖²/D), shape (b,); sigma of shape (b, 1)."""
+        s = _check_score(score_fn(x, t), x)
+        b, d = x.shape[0], flat_dim(x)
+        w = z.reshape(b, d) + sigma * s.detach().reshape(b, d)  # z − ε̂, ε̂ = −sigma s_θ (stop-gradient)
         jac = _jacobian(s, x)
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         cov = sigma[:, :, None] ** 2 * jac + eye  # sigma² ∇s_θ + I
@@ -781,6 +809,28 @@ class HODSMRegularizer:
                 + (w.pow(2).sum(-1, keepdim=True) - torch.diagonal(c_hat, dim1=1, dim2=2).sum(-1, keepdim=True)) * w
                 - 2 * torch.einsum("bij,bj->bi", c_hat, w)
             )
+            pen = pen + e3.pow(2).sum(-1) / d
+        return pen
+
+    def _projected(
+        self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """(‖E2 v‖² + (vᵀE2 v)²)/D (+ ‖E3_v‖²/D) for one probe v, shape (b,); sigma of shape (b, 1)."""
+        s, jv = _jvp_x(score_fn, x, t, v)
+        _check_score(s, x)
+        b, d = x.shape[0], flat_dim(x)
+        s, jv, vf = s.reshape(b, d), jv.reshape(b, d), v.reshape(b, d)
+        w = z.reshape(b, d) + sigma * s.detach()  # z − ε̂
+        wv = (w * vf).sum(-1, keepdim=True)  # ⟨w, v⟩
+        cv = sigma**2 * jv + vf  # Ĉ v before the stop-gradient
+        e2v = cv - wv * w
+        v_e2_v = (vf * e2v).sum(-1)  # vᵀE2v = sigma² vᵀJv + ‖v‖² − ⟨w, v⟩²
+        pen = (e2v.pow(2).sum(-1) + v_e2_v**2) / d
+        if self.order == 3:
+            v_j_v = (vf * jv).sum(-1)
+            grad_vjv = _vjp(v_j_v, x, torch.ones_like(v_j_v)).reshape(b, d)  # ∇_x(vᵀJv): reverse over forward
+            c_v = cv.detach()
+            e3 = sigma**3 * grad_vjv + (wv**2 - (vf * c_v).sum(-1, keepdim=True)) * w - 2 * wv * c_v
             pen = pen + e3.pow(2).sum(-1) / d
         return pen
 

@@ -258,25 +258,29 @@ def _per_sample_grad(pen: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
 @pytest.mark.parametrize("order", [2, 3])
-def test_hodsm_exact_gaussian_score_is_stationary_and_minimal(sde, order):
+@pytest.mark.parametrize("probes", [None, 4])
+def test_hodsm_exact_gaussian_score_is_stationary_and_minimal(sde, order, probes):
     n, c, m = 20_000, 0.6, torch.tensor([0.5, -1.0], dtype=F64)
     g = torch.Generator().manual_seed(8)
     x0 = m + c * torch.randn(n, 2, generator=g, dtype=F64)
     z = torch.randn(n, 2, generator=g, dtype=F64)
     t = 0.02 + 0.98 * torch.rand(n, generator=g, dtype=F64)
-    reg = HODSMRegularizer(lam=1.0, order=order)
+    reg = HODSMRegularizer(lam=1.0, order=order, probes=probes)
+
+    def penalty(model):  # the same probes for every model: paired comparisons
+        return reg(model, sde, x0, t, z, torch.Generator().manual_seed(0))
 
     exact = _GaussScore(sde, m, c, n)
-    pen = reg(exact, sde, x0, t, z, None)
+    pen = penalty(exact)
     mean, se = _mean_se(_per_sample_grad(pen, exact.c))
     assert abs(mean) < K_SE * se, (mean, se)  # ∂/∂c of the expected penalty is 0 at c' = c
 
     off = _GaussScore(sde, m, 1.3 * c, n)
-    mean_off, se_off = _mean_se(_per_sample_grad(reg(off, sde, x0, t, z, None), off.c))
+    mean_off, se_off = _mean_se(_per_sample_grad(penalty(off), off.c))
     assert abs(mean_off) > K_SE * se_off, (mean_off, se_off)  # the check can fail: not stationary at 1.3c
 
     for factor in (0.5, 2.0):
-        excess = (reg(_GaussScore(sde, m, factor * c, n), sde, x0, t, z, None) - pen).detach()  # paired
+        excess = (penalty(_GaussScore(sde, m, factor * c, n)) - pen).detach()  # paired
         mean_ex, se_ex = _mean_se(excess)
         assert mean_ex > K_SE * se_ex, (factor, mean_ex, se_ex)
 
@@ -339,7 +343,8 @@ def test_hodsm_moment_identities(sde):
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
-def test_hodsm_third_order_is_stationary_at_the_exact_score(sde):
+@pytest.mark.parametrize("probes", [None, 4])
+def test_hodsm_third_order_is_stationary_at_the_exact_score(sde, probes):
     """On data with a nonzero third cumulant, the order-3 penalty's gradient in a parameter of the
     exact-score family vanishes within K_SE standard errors at the truth, and not away from it."""
     n = 20_000
@@ -348,20 +353,43 @@ def test_hodsm_third_order_is_stationary_at_the_exact_score(sde):
     x0 = _MEANS[k]
     z = torch.randn(n, 2, generator=g, dtype=F64)
     t = 0.2 + 0.8 * torch.rand(n, generator=g, dtype=F64)  # above 0.2: sigma³∇tr∇s stays O(1), the SE small
-    reg = HODSMRegularizer(lam=1.0, order=3)
+    reg = HODSMRegularizer(lam=1.0, order=3, probes=probes)
     exact = _DiracScore(sde, _MEANS, _WEIGHTS, 1.0, n)
-    mean, se = _mean_se(_per_sample_grad(reg(exact, sde, x0, t, z, None), exact.a))
+    mean, se = _mean_se(_per_sample_grad(reg(exact, sde, x0, t, z, torch.Generator().manual_seed(0)), exact.a))
     assert abs(mean) < K_SE * se, (mean, se)
     off = _DiracScore(sde, _MEANS, _WEIGHTS, 0.5, n)
-    mean_off, se_off = _mean_se(_per_sample_grad(reg(off, sde, x0, t, z, None), off.a))
+    mean_off, se_off = _mean_se(_per_sample_grad(reg(off, sde, x0, t, z, torch.Generator().manual_seed(0)), off.a))
     assert abs(mean_off) > K_SE * se_off, (mean_off, se_off)
+
+
+@pytest.mark.analytic
+def test_hodsm_projected_form_on_a_linear_field():
+    """s = A x, one point and one z: the probe form averages to the exact order-2 penalty plus the
+    Rademacher variance of vᵀE2v, 2 Σ_{i≠j} Ẽ_ij² / D (Ẽ the symmetric part of E2), within K_SE SE."""
+    sde, d, n = VPSDE(), 4, 4000
+    g = torch.Generator().manual_seed(17)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    x0 = torch.randn(1, d, generator=g, dtype=F64).expand(n, d)
+    z = torch.randn(1, d, generator=g, dtype=F64).expand(n, d)
+    t = torch.full((n,), 0.3, dtype=F64)
+    field = _Linear(a)
+    exact = HODSMRegularizer(lam=1.0)(field, sde, x0[:1], t[:1], z[:1], None).item()
+    sigma = sde.marginal(t[:1])[1].item()
+    w = z[0] + sigma * field(perturb(sde, x0[:1], t[:1], z[:1]), t[:1])[0].detach()
+    e2 = sigma**2 * a + torch.eye(d, dtype=F64) - torch.outer(w, w)
+    sym = 0.5 * (e2 + e2.T)
+    variance = (2 * (sym.pow(2).sum() - torch.diagonal(sym).pow(2).sum()) / d).item()
+    proj = HODSMRegularizer(lam=1.0, probes=1)(field, sde, x0, t, z, g).detach()
+    m, se = _mean_se(proj)
+    assert abs(m - (exact + variance)) < K_SE * se, (m, se, exact, variance)
+    assert abs(m - exact) > K_SE * se  # the check can fail: the probe variance is resolved
 
 
 def test_hodsm_gradients_reach_network_parameters():
     sde, model = VPSDE(), _model()
     x0, t, z = _batch(sde, 16, 12)
-    for order in (2, 3):
-        pen = HODSMRegularizer(lam=1.0, order=order)(model, sde, x0, t, z, None)
+    for order, probes in ((2, None), (3, None), (2, 2), (3, 2)):
+        pen = HODSMRegularizer(lam=1.0, order=order, probes=probes)(model, sde, x0, t, z, torch.Generator().manual_seed(0))
         grads = _grads(pen.mean(), list(model.parameters()))
         assert all(torch.isfinite(gr).all() for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
 
@@ -500,6 +528,7 @@ class _NoClosedForm(LinearSDE):
         (lambda: ConservativeRegularizer(lam=1.0, n_points=0), "n_points"),
         (lambda: HODSMRegularizer(lam=1.0, order=4), "order"),
         (lambda: HODSMRegularizer(lam=True), "lam"),
+        (lambda: HODSMRegularizer(lam=1.0, probes=0), "probes"),
         (lambda: ScoreFPELoss(sde=VPSDE(), time_sampling="importance"), "time_sampling"),
         (lambda: ScoreFPELoss(sde=VPSDE(), regularizer=object()), "regularizer"),
         (lambda: ScoreFPELoss(sde=_NoClosedForm(), time_sampling=TimeSampling.IMPORTANCE), "VESDE, VPSDE or SubVPSDE"),
