@@ -125,6 +125,23 @@ def test_no_graph_without_create_graph():
     assert jet_score_fpe_residual(model, sde, x, t, create_graph=True).requires_grad
 
 
+@pytest.mark.parametrize("sde", SDES, ids=["ve", "vp", "subvp"])
+def test_with_score_returns_the_value_stream_and_the_same_residual(sde):
+    """with_score's s is model(x, t) (the DSM forward it replaces) and its R is __call__'s R."""
+    model = _model(2, 16, 2, sde)
+    x, t = _points(2, 12, EPS, 1.0)
+    s, r = jet_score_fpe_residual.with_score(model, sde, x, t)
+    ref = model(x, t)
+    # float64 round-off: the jet's value stream and the module's forward are the same ops, maybe reordered
+    torch.testing.assert_close(s, ref, rtol=1e-13, atol=1e-13 * ref.abs().max().item())
+    assert torch.equal(r, jet_score_fpe_residual(model, sde, x, t))
+    assert not s.requires_grad and not r.requires_grad
+    s_g, r_g = jet_score_fpe_residual.with_score(model, sde, x, t, create_graph=True)
+    assert s_g.requires_grad and r_g.requires_grad
+    # the check can fail: another time's score is not the value stream
+    assert not torch.allclose(s, model(x, (t + 0.01).clamp(max=1.0)), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("sde", SDES, ids=["ve", "vp", "subvp"])
 def test_streams_match_torch_func(dim, sde):
