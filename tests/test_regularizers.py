@@ -454,6 +454,43 @@ def test_importance_sampling_keeps_expected_dsm_and_lowers_variance(sde):
     assert variances[TimeSampling.IMPORTANCE] < variances[TimeSampling.UNIFORM] / 10, variances
 
 
+def test_importance_weights_reach_the_regularizer_term():
+    """Under IMPORTANCE each penalty entry i is multiplied by the weight of its DSM time t_i."""
+    sde, model = VPSDE(), _model()
+    x0 = _mixture().sample(16, torch.Generator().manual_seed(18))
+    reg = ConservativeRegularizer(lam=0.3, n_points=8)
+    loss = ScoreFPELoss(sde=sde, eps=1e-3, regularizer=reg, time_sampling=TimeSampling.IMPORTANCE)
+    terms = loss(model, x0, torch.Generator().manual_seed(19))
+    g = torch.Generator().manual_seed(19)
+    t, z, weight = loss.draw(x0, g)
+    assert not torch.allclose(weight, torch.ones_like(weight))  # the check can fail: weights are not 1
+    pen = reg(model, sde, x0, t, z, g)
+    torch.testing.assert_close(terms.reg, (weight[:8] * pen).mean(), rtol=1e-12, atol=0)  # float64 round-off
+    torch.testing.assert_close(terms.dsm, (weight * dsm_loss(model, sde, x0, t, z)).mean(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_float32_at_the_smallest_time_is_finite(sde):
+    """eps = 1e-5 in float32: importance weights, and each regularizer with its gradients, stay finite."""
+    t, w = TimeSampling.IMPORTANCE.sample(4096, 1e-5, sde, torch.Generator().manual_seed(0), torch.float32, "cpu")
+    assert t.dtype == torch.float32 and torch.isfinite(w).all() and t.min() >= 1e-5 and (w > 0).all()
+    torch.manual_seed(0)
+    model = ScoreModel(TimeMLP(dim=2, width=16, depth=2, n_freq=4), sde)
+    x0 = _mixture().sample(16, torch.Generator().manual_seed(1)).float()
+    t = torch.full((16,), 1e-5)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    for reg in (
+        ConservativeRegularizer(lam=1.0),
+        ConservativeRegularizer(lam=1.0, probes=1),
+        HODSMRegularizer(lam=1.0, order=3),
+        HODSMRegularizer(lam=1.0, order=3, probes=1),
+        FPERegularizer(lam=1.0, divergence=Hutchinson(1), estimator=FPEEstimator.UNBIASED),
+    ):
+        pen = reg(model, sde, x0, t, z, torch.Generator().manual_seed(3))
+        assert torch.isfinite(pen).all(), reg
+        assert all(torch.isfinite(gr).all() for gr in _grads(pen.mean(), list(model.parameters()))), reg
+
+
 # ---------------------------------------------------------------------------------------------- jet path
 
 
