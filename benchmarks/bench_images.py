@@ -1,8 +1,9 @@
-"""Training-step cost on images: DSM vs DSM + score-FPE regularizer with 1, 2, 4 Hutchinson probes (issue 6).
+"""Training-step cost on images: DSM vs DSM + score-FPE regularizer with 1, 2, 4 Hutchinson probes.
 
-One step = loss + backward + Adam update of ScoreModel(UNet) on a batch of images, with the loss of the
-``cifar10`` command (fpe_lab.commands.images.build_image_loss: sigma² DSM + (lam/D)·E w(t)‖R‖², R from
-fpe_lab.fpe.score_fpe_residual with fpe_lab.fpe.Hutchinson(n_probes)). Variants share initial weights
+One step = loss + backward + Adam update of ScoreModel(UNet) on a batch of random images of the shape of
+``--data`` (3×32×32 for cifar10, 1×8×8 for digits; no data are read), with the model and loss of the
+``cifar10``/``digits`` presets built by fpe_lab.build (sigma² DSM + (lam/D)·E w(t)‖R‖², R from
+fpe_lab.fpe.score_fpe_residual with fpe_lab.fpe.Hutchinson(n_probes)), eps = 1e-3. Variants share initial weights
 and batches and run round-robin (each repeat runs ``--steps`` steps of every variant), so load drift on
 a shared machine hits all alike; a ratio is the median over repeats of (variant / DSM in that repeat).
 
@@ -27,18 +28,24 @@ import time
 import torch
 from step_memory import peak_step_memory, sync
 
-from fpe_lab.commands.images import build_image_loss, build_image_model
-from fpe_lab.config import ImageConfig, Regularizer, SDEKind, build_sde
+from fpe_lab import build
+from fpe_lab.config import RegKind, RunConfig, SDEKind, cifar10, digits
 from fpe_lab.nets.unet import UNetSize
 
 VARIANTS = ("dsm", "fpe-p1", "fpe-p2", "fpe-p4")
+PRESETS = {"cifar10": cifar10, "digits": digits}
 
 
-def _config(variant: str, args) -> ImageConfig:
-    reg = Regularizer.NONE if variant == "dsm" else Regularizer.FPE
-    probes = 1 if variant == "dsm" else int(variant.removeprefix("fpe-p"))
-    return ImageConfig(image_shape=(args.channels, args.size, args.size), model=UNetSize(args.model),
-                       sde=SDEKind(args.sde), reg=reg, probes=probes, batch=args.batch, eps=1e-3)
+def _config(variant: str, args) -> RunConfig:
+    """The image preset of ``--data`` with this variant's regularizer (DSM: reg none, lam 0)."""
+    changes = {("model", "unet"): UNetSize(args.model), ("sde", "kind"): SDEKind(args.sde),
+               ("optim", "batch"): args.batch, ("loss", "eps"): 1e-3}
+    if variant == "dsm":
+        changes[("loss", "reg", "kind")] = RegKind.NONE
+    else:
+        changes[("loss", "reg", "kind")] = RegKind.FPE
+        changes[("loss", "reg", "probes")] = int(variant.removeprefix("fpe-p"))
+    return PRESETS[args.data]().override(changes)
 
 
 class Trainer:
@@ -46,13 +53,13 @@ class Trainer:
 
     def __init__(self, variant: str, args, device: torch.device) -> None:
         self.config = _config(variant, args)
-        self.sde = build_sde(self.config.sde)
-        self.model = build_image_model(self.config, self.sde).to(device).train()
-        self.loss = build_image_loss(self.config, self.sde)
+        self.sde = build.build_sde(self.config.sde)
+        self.model = build.build_model(self.config, self.sde).to(device).train()
+        self.loss = build.build_loss(self.config, self.sde)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-4)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.data = torch.Generator(device=device).manual_seed(1)
-        self.shape = (args.batch, *self.config.image_shape)
+        self.shape = (args.batch, *self.config.data.name.shape)
         self.device = device
 
     def step(self) -> None:
@@ -66,18 +73,21 @@ class Trainer:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=[s.value for s in UNetSize], default="tiny")
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--size", type=int, default=32, help="image height = width")
+    p.add_argument("--data", choices=list(PRESETS), default="cifar10",
+                   help="image shape and preset: cifar10 (3×32×32) or digits (1×8×8)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--sde", choices=[s.value for s in SDEKind], default="vp")
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: no contention)")
-    p.add_argument("--quick", action="store_true", help="1×8×8 images, batch 2, 1 repeat: runs in seconds")
+    p.add_argument("--quick", action="store_true", help="digits (1×8×8 images), batch 2, 1 repeat: runs in seconds")
     args = p.parse_args()
     if args.quick:
-        args.channels, args.size, args.batch, args.steps, args.repeats = 1, 8, 2, 1, 1
+        args.data, args.batch, args.steps, args.repeats = "digits", 2, 1, 1
+    for name in ("batch", "steps", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -97,8 +107,8 @@ def main() -> None:
     mem = {v: peak_step_memory(t.step, t.device) for v, t in trainers.items()}
     cfg = trainers["dsm"].config
     n_params = sum(q.numel() for q in trainers["dsm"].model.parameters())
-    print(f"U-Net {cfg.model.value} ({n_params / 1e6:.2f}M params), images {cfg.image_shape}, batch {args.batch}, "
-          f"{cfg.sde.value.upper()}, device {device}"
+    print(f"U-Net {cfg.model.unet.value} ({n_params / 1e6:.2f}M params), images {cfg.data.name.shape}, "
+          f"batch {args.batch}, {cfg.sde.kind.value.upper()}, device {device}"
           + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
           + f", torch {torch.__version__}; {args.repeats} repeats × {args.steps} steps")
     print(f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'torch.profiler CPU allocations'}"
