@@ -12,7 +12,7 @@ import sys
 from fpe_lab.commands import CLIError, one_line_errors
 
 # The commands, in the order ``--help`` shows them. Add a module here to add a command.
-COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study")
+COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
