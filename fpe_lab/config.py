@@ -472,8 +472,8 @@ class RunConfig(_Section):
         """A copy with the leaves at the given paths replaced, e.g. ``{("loss", "eps"): 1e-5}``; validated."""
         changes = dict(changes)
         kind, lam = ("loss", "reg", "kind"), ("loss", "reg", "lam")
-        if kind in changes and lam not in changes and RegKind(_plain(changes[kind])) is RegKind.NONE:
-            changes[lam] = 0.0  # plain DSM: one way to say it
+        if kind in changes and RegKind(_plain(changes[kind])) is RegKind.NONE:
+            changes[lam] = 0.0  # plain DSM: one way to say it (reg none sets lam 0, whatever lam said)
         if lam in changes and kind not in changes and changes[lam] == 0:
             changes[kind] = RegKind.NONE
         d = self.to_dict()
@@ -498,6 +498,9 @@ class RunConfig(_Section):
 
 
 def _hashed(config: _Section) -> dict[str, Any]:
+    """The settings that decide the trained weights; plain DSM ignores every other regularizer field."""
+    if isinstance(config, RegConfig) and config.kind is RegKind.NONE:
+        return {"kind": RegKind.NONE.value}
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):  # type: ignore[arg-type]
         if f.name == "eval" and isinstance(config, RunConfig):

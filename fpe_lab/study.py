@@ -36,7 +36,7 @@ from fpe_lab.config import Leaf, RegKind, RunConfig, _strip_optional, leaves
 from fpe_lab.metrics.evaluate import EvalReport
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
-           "PLAN_NAME"]
+           "PLAN_NAME", "submitit_submit"]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,17 @@ def run_study(plan: StudyPlan, out: str | Path, jobs: int = 1, progress: bool = 
     finally:
         bar.close()
     return [runs.run_dir(c, o) for c, o in arm_runs]
+
+
+def submitit_submit(executor) -> Callable[[Callable[..., str], list[tuple[str, str]]], list[str]]:
+    """A ``submit`` for :func:`run_study` that sends each run to a submitit executor (a SLURM
+    ``AutoExecutor``, or a ``LocalExecutor`` in tests) and waits for all of them."""
+
+    def submit(fn: Callable[..., str], todo: list[tuple[str, str]]) -> list[str]:
+        jobs = [executor.submit(fn, c, o) for c, o in todo]
+        return [job.result() for job in jobs]
+
+    return submit
 
 
 # ---------------------------------------------------------------------- summary

@@ -20,7 +20,7 @@ from fpe_lab.checkpoint import ConfigMismatchError
 from fpe_lab.commands import CLIError, one_line_errors
 from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
 from fpe_lab.config import toy2d
-from fpe_lab.study import StudyPlan, parse_grid, run_study, summarize, write_summary
+from fpe_lab.study import StudyPlan, parse_grid, run_study, submitit_submit, summarize, write_summary
 from fpe_lab import runs
 
 __all__ = ["add_parser"]
@@ -72,13 +72,9 @@ def _slurm_submit(partition: str, out: Path):
     except ImportError:
         raise CLIError('--slurm-partition needs submitit: pip install -e ".[cluster]"') from None
 
-    def submit(fn, todo):
-        executor = submitit.AutoExecutor(folder=out / "slurm")
-        executor.update_parameters(slurm_partition=partition, timeout_min=24 * 60, cpus_per_task=1)
-        jobs = [executor.submit(fn, c, o) for c, o in todo]
-        return [j.result() for j in jobs]
-
-    return submit
+    executor = submitit.AutoExecutor(folder=out / "slurm", cluster="slurm")
+    executor.update_parameters(slurm_partition=partition, timeout_min=24 * 60, cpus_per_task=1)
+    return submitit_submit(executor)
 
 
 def _study_command(args: argparse.Namespace) -> int:
