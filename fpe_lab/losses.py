@@ -269,10 +269,7 @@ def _rate_antiderivative(sde: LinearSDE, t: torch.Tensor) -> torch.Tensor:
         case SubVPSDE():
             b = sde.int_beta(t)
             return 2 * torch.log(torch.expm1(b)) - b
-    raise ValueError(
-        f"sde must be a VESDE, VPSDE or SubVPSDE for importance-sampled time (closed-form inverse CDF); "
-        f"got {type(sde).__name__}"
-    )
+    raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE for the closed form; got {type(sde).__name__}")
 
 
 def _rate_antiderivative_inverse(sde: LinearSDE, phi: torch.Tensor) -> torch.Tensor:
@@ -288,17 +285,66 @@ def _rate_antiderivative_inverse(sde: LinearSDE, phi: torch.Tensor) -> torch.Ten
     raise ValueError(f"sde must be a VESDE, VPSDE or SubVPSDE; got {type(sde).__name__}")
 
 
-def _rate_mass(sde: LinearSDE, eps: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Φ(eps), Z = Φ(1) − Φ(eps)) as float64 scalars on the device of ``like``."""
+def _closed_form(sde: LinearSDE) -> bool:
+    """Whether Φ = ∫ g²/sigma² and its inverse have the closed forms of :class:`TimeSampling`."""
+    match sde:
+        case VESDE() | VPSDE() | SubVPSDE():
+            return True
+    return False
+
+
+_TABLE_KNOTS = 8193  # log-spaced knots on [eps, 1]: r ~ 1/t near eps, so equal steps in log t
+
+
+def _rate_table(sde: LinearSDE, eps: float, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(knots, cdf, Z) in float64: the trapezoidal cumulative integral of r = g²/sigma² on log-spaced
+    knots of [eps, 1], normalised to a CDF with cdf[0] = 0, cdf[-1] = 1; ValueError unless r is finite
+    and positive there."""
+    knots = torch.logspace(math.log10(eps), 0.0, _TABLE_KNOTS, dtype=torch.float64, device=device)
+    knots[0], knots[-1] = eps, 1.0
+    r = _rate(sde, knots)
+    if not (torch.isfinite(r).all() and (r > 0).all()):
+        raise ValueError(
+            f"sde {type(sde).__name__}: g(t)²/sigma(t)² must be finite and positive on [eps, 1] = [{eps}, 1] "
+            "for importance-sampled time"
+        )
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64, device=device), torch.cumsum(0.5 * (r[1:] + r[:-1]) * knots.diff(), 0)])
+    return knots, cum / cum[-1], cum[-1]
+
+
+def _rate_mass(sde: LinearSDE, eps: float, like: torch.Tensor) -> torch.Tensor:
+    """Z = ∫_eps^1 g²/sigma² as a float64 scalar on the device of ``like`` (closed form, else the table's)."""
+    if not _closed_form(sde):
+        return _rate_table(sde, eps, like.device)[2]
     ends = _rate_antiderivative(sde, torch.tensor([eps, 1.0], dtype=torch.float64, device=like.device))
-    return ends[0], ends[1] - ends[0]
+    return ends[1] - ends[0]
+
+
+def _draw_closed_form(sde: LinearSDE, eps: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, u/q) from uniforms u (float64) by the closed-form inverse CDF."""
+    ends = _rate_antiderivative(sde, torch.tensor([eps, 1.0], dtype=torch.float64, device=u.device))
+    mass = ends[1] - ends[0]
+    t = _rate_antiderivative_inverse(sde, ends[0] + u * mass).clamp(eps, 1.0)  # round-off at the ends
+    return t, mass / ((1 - eps) * _rate(sde, t))
+
+
+def _draw_tabulated(sde: LinearSDE, eps: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, u/q) from uniforms u (float64) by inverting the piecewise-linear tabulated CDF. The draws have
+    the piecewise-constant density q̃ = Δcdf/Δt of their interval, and the weight is 1/((1 − eps) q̃):
+    exactly the law drawn, so the weighted loss stays unbiased whatever the table's error."""
+    knots, cdf, _ = _rate_table(sde, eps, u.device)
+    i = (torch.searchsorted(cdf, u, right=True) - 1).clamp(0, knots.numel() - 2)
+    d_cdf, d_t = cdf[i + 1] - cdf[i], knots[i + 1] - knots[i]
+    t = (knots[i] + (u - cdf[i]) / d_cdf * d_t).clamp(eps, 1.0)
+    return t, d_t / ((1 - eps) * d_cdf)
 
 
 def importance_time_density(sde: LinearSDE, eps: float, t: torch.Tensor) -> torch.Tensor:
-    """q(t) = (g²/sigma²)(t) / ∫_eps^1 g²/sigma², the density of :attr:`TimeSampling.IMPORTANCE`, shape of t."""
+    """q(t) = (g²/sigma²)(t) / ∫_eps^1 g²/sigma², the target density of :attr:`TimeSampling.IMPORTANCE`,
+    shape of t (for SDEs without a closed form, Z is the table's and the draws follow its
+    piecewise-constant approximation of q)."""
     _check_eps(eps)
-    _, mass = _rate_mass(sde, eps, t)
-    return (_rate(sde, t.double()) / mass).to(t.dtype)
+    return (_rate(sde, t.double()) / _rate_mass(sde, eps, t)).to(t.dtype)
 
 
 class TimeSampling(enum.Enum):
@@ -320,17 +366,20 @@ class TimeSampling(enum.Enum):
               Φ = 2 log expm1(B) − B = 2 log(2 sinh(B/2)) and B = 2 asinh(e^{Φ/2}/2);
 
     and t = 2B/(β_min + sqrt(β_min² + 2(β_max − β_min)B)) solves B(t) = β_min t + ½(β_max − β_min)t².
-    Other SDEs raise ValueError. The draw u ~ U[0, 1) comes from the loss's generator;
-    Φ = Φ(eps) + u Z and the weights are computed in float64, then cast to the data's dtype.
+    Any other ``LinearSDE``: a tabulated CDF (trapezoidal integral of r on 8193 log-spaced knots of
+    [eps, 1]) inverted by linear interpolation; its weights use the piecewise-constant density of the
+    table, which is the law actually drawn, so the weighted loss stays unbiased. The draw u ~ U[0, 1)
+    comes from the loss's generator; t and the weights are computed in float64, then cast to the data's
+    dtype.
     """
 
     UNIFORM = "uniform"
     IMPORTANCE = "importance"
 
     def check(self, sde: LinearSDE, eps: float) -> None:
-        """ValueError unless this sampling supports ``sde`` (IMPORTANCE: VE, VP, sub-VP)."""
-        if self is TimeSampling.IMPORTANCE:
-            _rate_mass(sde, eps, torch.zeros(()))
+        """ValueError unless this sampling can draw for ``sde`` on [eps, 1] (IMPORTANCE: g²/sigma² finite, > 0)."""
+        if self is TimeSampling.IMPORTANCE and not _closed_form(sde):
+            _rate_table(sde, eps, "cpu")
 
     def sample(
         self,
@@ -348,9 +397,8 @@ class TimeSampling(enum.Enum):
                 return t, torch.ones_like(t)
             case TimeSampling.IMPORTANCE:
                 u = torch.rand(n, generator=generator, dtype=dtype, device=device).double()
-                start, mass = _rate_mass(sde, eps, u)
-                t = _rate_antiderivative_inverse(sde, start + u * mass).clamp(eps, 1.0)  # round-off at the ends
-                weight = mass / ((1 - eps) * _rate(sde, t))
+                draw = _draw_closed_form if _closed_form(sde) else _draw_tabulated
+                t, weight = draw(sde, eps, u)
                 return t.to(dtype), weight.to(dtype)
 
 

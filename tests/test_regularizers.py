@@ -24,6 +24,8 @@ from fpe_lab.losses import (
     Regularizer,
     ScoreFPELoss,
     TimeSampling,
+    _draw_closed_form,
+    _draw_tabulated,
     dsm_loss,
     importance_time_density,
     perturb,
@@ -394,6 +396,30 @@ def test_hodsm_gradients_reach_network_parameters():
         assert all(torch.isfinite(gr).all() for gr in grads) and sum(gr.abs().sum() for gr in grads) > 0
 
 
+class _Brownian(LinearSDE):
+    """dx = dw: alpha = 1, sigma² = t, g² = 1, so g²/sigma² = 1/t — no closed form in TimeSampling's list,
+    so IMPORTANCE uses the table; the exact law is q = 1/(t ln(1/eps)), t = eps^(1 − u)."""
+
+    def drift_coef(self, t):
+        return torch.zeros_like(t)
+
+    def diffusion(self, t):
+        return torch.ones_like(t)
+
+    def marginal(self, t):
+        return torch.ones_like(t), torch.sqrt(t)
+
+    def prior_std(self):
+        return 1.0
+
+
+class _NoNoise(_Brownian):
+    """g = 0: g²/sigma² vanishes, no importance density exists."""
+
+    def diffusion(self, t):
+        return torch.zeros_like(t)
+
+
 # ---------------------------------------------------------------------------------------------- time sampling
 
 
@@ -421,6 +447,28 @@ def test_importance_density_normalised_and_weights(sde):
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_tabulated_inverse_cdf_matches_the_closed_form(sde):
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(20), dtype=F64)
+    t_exact, w_exact = _draw_closed_form(sde, 1e-4, u)
+    t_tab, w_tab = _draw_tabulated(sde, 1e-4, u)
+    # the table's trapezoid error: O(h²) with h = ln(1e4)/8192 ≈ 1e-3 per step in log t
+    torch.testing.assert_close(t_tab, t_exact, rtol=1e-5, atol=0)
+    # piecewise-constant density: r ~ 1/t changes by e^h ≈ 1 + 1.1e-3 across one knot interval
+    torch.testing.assert_close(w_tab, w_exact, rtol=1e-3, atol=0)
+    assert not torch.allclose(w_tab, torch.ones_like(w_tab), rtol=1e-3)  # the check can fail: uniform weights
+
+
+def test_tabulated_sampling_follows_its_law():
+    eps, n = 1e-4, 20_000
+    t, w = TimeSampling.IMPORTANCE.sample(n, eps, _Brownian(), torch.Generator().manual_seed(21), F64, "cpu")
+    closed = t * math.log(1 / eps) / (1 - eps)  # 1/((1 − eps) q) with q = 1/(t ln(1/eps))
+    torch.testing.assert_close(w, closed, rtol=1e-3, atol=0)  # piecewise-constant density, as above
+    p_small = math.log(0.01 / eps) / math.log(1 / eps)  # P(t ≤ 0.01) = 1/2
+    frac = (t <= 0.01).double().mean().item()
+    assert abs(frac - p_small) < K_SE * math.sqrt(p_small * (1 - p_small) / n)
+
+
+@pytest.mark.parametrize("sde", SDES + [_Brownian()], ids=IDS + ["tabulated"])
 def test_importance_sampling_keeps_expected_dsm_and_lowers_variance(sde):
     """Data N(0, c² I), exact score: E_{t~U} g²/sigma² · D(1 − sigma²/v) by quadrature; the likelihood-weighted
     DSM loss under UNIFORM and IMPORTANCE both match it within K_SE SE; IMPORTANCE has far lower variance."""
@@ -540,20 +588,6 @@ def test_jet_not_shared_on_a_subset_or_resampled_points():
 # ---------------------------------------------------------------------------------------------- bad input
 
 
-class _NoClosedForm(LinearSDE):
-    def drift_coef(self, t):
-        return torch.zeros_like(t)
-
-    def diffusion(self, t):
-        return torch.ones_like(t)
-
-    def marginal(self, t):
-        return torch.ones_like(t), torch.sqrt(t)
-
-    def prior_std(self):
-        return 1.0
-
-
 @pytest.mark.parametrize(
     "make, match",
     [
@@ -568,7 +602,7 @@ class _NoClosedForm(LinearSDE):
         (lambda: HODSMRegularizer(lam=1.0, probes=0), "probes"),
         (lambda: ScoreFPELoss(sde=VPSDE(), time_sampling="importance"), "time_sampling"),
         (lambda: ScoreFPELoss(sde=VPSDE(), regularizer=object()), "regularizer"),
-        (lambda: ScoreFPELoss(sde=_NoClosedForm(), time_sampling=TimeSampling.IMPORTANCE), "VESDE, VPSDE or SubVPSDE"),
+        (lambda: ScoreFPELoss(sde=_NoNoise(), time_sampling=TimeSampling.IMPORTANCE), "finite and positive"),
     ],
 )
 def test_bad_input(make, match):
