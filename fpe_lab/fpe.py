@@ -384,7 +384,7 @@ def residual_sq(
 class Estimate:
     """Per-sample unbiased estimates of a nonnegative quantity and their batch mean with standard error.
 
-    ``values`` has shape (b,), b >= 1 (float64, detached unless built from ``create_graph`` output);
+    ``values`` has shape (b,), b >= 1, stored as float64 (detached unless built from ``create_graph`` output);
     ``mean`` = (1/b) Σ values, ``se`` = std(values) / sqrt(b) with the (b − 1) sample std, 0.0 for b = 1.
     Single values of an unbiased estimate (e.g. :func:`residual_sq` with UNBIASED) may be negative.
     """
@@ -397,6 +397,7 @@ class Estimate:
             desc = f"shape {tuple(v.shape)}, dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"values must be a floating tensor of shape (b,) with b >= 1; got {desc}")
         check_finite(v.detach(), "values")
+        object.__setattr__(self, "values", v.to(torch.float64))  # differentiable cast: a graph is kept
 
     @property
     def n(self) -> int:

@@ -544,6 +544,7 @@ def test_estimate_mean_and_standard_error():
     assert e.mean == pytest.approx(7 / 3, rel=1e-15)  # float64 round-off
     assert e.se == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2 / 3), rel=1e-14)
     assert Estimate(torch.tensor([3.0])).se == 0.0
+    assert Estimate(torch.tensor([1.0, 2.0], dtype=torch.float32)).values.dtype == torch.float64
     with pytest.raises(ValueError, match=r"values must be a floating tensor of shape \(b,\) with b >= 1; got shape \(0,\)"):
         Estimate(torch.zeros(0))
     with pytest.raises(ValueError, match="values must be a floating tensor"):

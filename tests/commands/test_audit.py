@@ -18,6 +18,8 @@ from fpe_lab.audit import AuditReport, audit
 from fpe_lab.commands.audit import read_audit
 from fpe_lab.data.images import ImageSplit, load_digits
 
+from ..images.fake_cifar import write_fake_cifar10
+
 pytest.importorskip("sklearn")  # the digits data set
 
 
@@ -109,6 +111,9 @@ def test_bad_inputs_are_one_error_line_with_exit_2(unet_dir, tmp_path, capsys, m
     rgb = _tiny_unet_folder(tmp_path / "rgb", in_channels=3)
     assert _main("audit", rgb, "--data", "digits", *common) == 2
     assert "takes samples of shape (3, 8, 8) but --data digits has 1×8×8 images" in _error_line(capsys)
+    cifar = write_fake_cifar10(tmp_path / "cifar", n_per_batch=2)
+    assert _main("audit", unet_dir, "--data", "cifar10", "--data-dir", cifar, *common) == 2
+    assert "takes samples of shape (1, 8, 8) but --data cifar10 has 3×32×32 images" in _error_line(capsys)
     assert _main("audit", unet_dir, "--data", "gmm", *common) == 2
     assert "takes samples of shape (1, 8, 8) but --data gmm is 2-D points" in _error_line(capsys)
     # a VE (Fourier-time) model cannot use the DDPM mapping

@@ -103,6 +103,26 @@ def test_load_gives_minus_eps_over_sigma(saved_unet):
     assert (other - s).abs().max() > 1e-3 * s.abs().max()
 
 
+def test_pipeline_folder_takes_its_schedule_from_the_scheduler_config(saved_unet, tmp_path):
+    _, folder = saved_unet
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "scheduler").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (pipe / "unet" / name).write_bytes((folder / name).read_bytes())
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_start": 1e-4, "beta_end": 0.01, "num_train_timesteps": 1000,
+         "beta_schedule": "linear", "prediction_type": "epsilon"}))
+    assert find_unet_dir(pipe) == (pipe / "unet", pipe / "scheduler" / "scheduler_config.json")
+    assert find_unet_dir(pipe / "unet") == (pipe / "unet", pipe / "scheduler" / "scheduler_config.json")
+    model = load_diffusers_score(pipe)
+    assert model.sde == VPSDE(beta_min=0.1, beta_max=10.0) and model.net.schedule == DDPMSchedule(1e-4, 0.01, 1000)
+    with pytest.raises(DiffusersModelError, match=r"maps onto VPSDE\(beta_min=0.1, beta_max=10.0\).*got sde=VPSDE\(beta_min=0.1, beta_max=20.0\)"):
+        load_diffusers_score(pipe, sde=VPSDE())
+    # an explicit schedule wins over the folder's
+    assert load_diffusers_score(pipe, schedule=DDPMSchedule()).sde == VPSDE()
+
+
 def test_residual_through_the_unet_forward_mode_and_double_backward(saved_unet):
     """∂_t s by forward mode equals a central difference; ∇(uᵀJu) (double backward through attention,
     one fixed Rademacher probe u) equals the central difference of uᵀJu along a direction; the
