@@ -130,12 +130,17 @@ def load_run(path: str | Path) -> Run:
     return Run(folder, report)
 
 
+def _coefficients(config: RunConfig) -> str:
+    sde = config.sde.to_dict()
+    return " ".join(f"{k}={v:g}" for k, v in sorted(sde.items()) if k != "kind")
+
+
 def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     """Read several run folders that belong in one figure: same data set, SDE and evaluation times.
 
     Raises :class:`RunFolderError` naming the offending folder for a missing/unfinished folder, a
-    folder given twice, two folders of the same λ and seed, or a data set / SDE / time grid that
-    differs from the first run's.
+    folder given twice, two folders of the same λ and seed, or a data set / SDE (kind or coefficients)
+    / time grid that differs from the first run's.
     """
     if not paths:
         raise RunFolderError("no run folders given")
@@ -153,6 +158,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
         for what, a, b in (
             ("data set", first.config.data.name.value, run.config.data.name.value),
             ("SDE", first.config.sde.kind.value, run.config.sde.kind.value),
+            ("SDE coefficients", _coefficients(first.config), _coefficients(run.config)),
             ("evaluation times", first.times, run.times),
         ):
             if a != b:

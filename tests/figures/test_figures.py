@@ -153,6 +153,17 @@ def test_unfinished_run_names_steps_done_and_planned(tiny_runs, tmp_path, capsys
     assert not out.exists()
 
 
+def test_sde_coefficients_must_match(tiny_runs, tmp_path):
+    other = tmp_path / "other_beta"
+    shutil.copytree(tiny_runs[2], other)
+    config = json.loads((other / "config.json").read_text())
+    config["sde"]["beta_max"] = 10.0  # same SDE kind, another forward process
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunFolderError, match="SDE coefficients") as e:
+        load_runs([tiny_runs[0], other])
+    assert str(other) in str(e.value) and "beta_max=10" in str(e.value)
+
+
 def test_runs_read_lam_and_report(tiny_runs):
     runs = load_runs(tiny_runs)
     assert [(r.lam, r.seed) for r in runs] == [(0.0, 0), (0.0, 1), (0.1, 0), (0.1, 1)]
