@@ -929,6 +929,9 @@ class ScoreFPELoss:
         return t, z, weight
 
     def __call__(self, score_fn: ScoreFn, x0: torch.Tensor, generator: torch.Generator | None = None) -> LossTerms:
+        """LossTerms for the clean batch x0 of shape (b, *dims):
+        dsm = mean_i weight_i lambda(t_i)‖s_θ(x_t,i, t_i) + z_i/sigma(t_i)‖², reg = mean_{i<m} weight_i P_i,
+        total = dsm + lam · reg (reg = 0 and total = dsm without a regularizer or with lam = 0)."""
         t, z, weight = self.draw(x0, generator)
         reg, pen, s = self.regularizer, None, None
         if reg is not None and reg.lam != 0:
