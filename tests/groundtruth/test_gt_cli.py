@@ -186,15 +186,18 @@ def test_cli_disk_full_while_writing_is_exit_1_one_line(tmp_path, capsys, monkey
     assert list(out.iterdir()) == []
 
 
-def test_cli_failed_solve_writes_nothing(tmp_path, monkeypatch):
+def test_cli_failed_solve_writes_nothing(tmp_path, monkeypatch, capsys):
     import fpe_lab.groundtruth as gt
 
     def boom(*args, **kwargs):
         raise RuntimeError("solver died")
 
     monkeypatch.setattr(gt, "solve_fokker_planck", boom)
+    argv = ["groundtruth", "--grid", "16", "--times", "0.5", "--out", str(tmp_path / "gt")]
+    assert _main(argv) == 1  # an unexpected error: one line, no traceback (fpe_lab.run's contract)
+    assert _error_lines(capsys) == ["error: unexpected RuntimeError: solver died (rerun with --debug for the traceback)"]
     with pytest.raises(RuntimeError, match="solver died"):
-        _main(["groundtruth", "--grid", "16", "--times", "0.5", "--out", str(tmp_path / "gt")])
+        _main(["--debug", *argv])
     assert list(tmp_path.iterdir()) == []
 
 
