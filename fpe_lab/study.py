@@ -28,14 +28,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scipy import stats
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab import runs
 from fpe_lab.checkpoint import atomic_write_text
 from fpe_lab.config import Leaf, RegKind, RunConfig, _strip_optional, leaves
 from fpe_lab.metrics.evaluate import EvalReport
 
-__all__ = ["Arm", "StudyPlan", "parse_grid", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
+__all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
            "PLAN_NAME", "submitit_submit"]
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def parse_grid(items: Sequence[str]) -> list[Arm]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not values:
-            raise ValueError(f"--grid {item!r}: expected FIELD=V1,V2,...")
+            raise ValueError(f"{item!r}: expected FIELD=V1,V2,...")
         leaf = by_name.get(name)
         if leaf is None:
             raise ValueError(f"--grid {name!r} is not a configuration field; fields: "
@@ -112,6 +112,15 @@ def parse_grid(items: Sequence[str]) -> list[Arm]:
         name = " ".join(f"{leaf.flag.replace('-', '_')}={text}" for (leaf, _), (text, _) in zip(axes, combo))
         arms.append(Arm(name or "base", tuple((leaf.path, v) for (leaf, _), (_, v) in zip(axes, combo))))
     return arms
+
+
+def parse_arm(text: str) -> Arm:
+    """One explicit arm, ``"reg=fpe fpe_weighting=g2 lam=0.01"`` (FIELD=VALUE pairs, one value each)."""
+    items = text.split()
+    if not items or any("," in item for item in items):
+        raise ValueError(f"--arm {text!r}: expected FIELD=VALUE pairs separated by spaces, one value each")
+    (arm,) = parse_grid(items)
+    return arm
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.checkpoint import CHECKPOINT_NAME, SNAPSHOT_DIR, load_checkpoint, save_checkpoint, save_snapshot
 from fpe_lab.losses import LossTerms

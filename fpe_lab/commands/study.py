@@ -4,6 +4,7 @@ The cartesian product of ``--grid`` (FIELD=V1,V2,… with FIELD a configuration 
 with dashes or underscores) × seeds, around the preset with the other flags applied (``--data``,
 ``--sde``, ``--steps``, …). One run folder per (arm, seed) under ``--out``, plus ``summary.csv`` and
 ``summary.md``: per arm the mean over seeds and the paired difference to the first arm (the control)
+(``--arm 'FIELD=V FIELD=V'`` adds single arms after the grid's)
 with a 95% interval. ``--pretrain-steps K`` first trains one plain-DSM run per seed and makes every
 arm fine-tune from it. ``--jobs N`` runs N local worker processes; ``--slurm-partition P`` submits each
 run as a SLURM job through submitit (``pip install -e ".[cluster]"``). Interrupted studies resume.
@@ -20,7 +21,7 @@ from fpe_lab.checkpoint import ConfigMismatchError
 from fpe_lab.commands import CLIError, one_line_errors
 from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
 from fpe_lab.config import toy2d
-from fpe_lab.study import StudyPlan, parse_grid, run_study, submitit_submit, summarize, write_summary
+from fpe_lab.study import StudyPlan, parse_arm, parse_grid, run_study, submitit_submit, summarize, write_summary
 from fpe_lab import runs
 
 __all__ = ["add_parser"]
@@ -34,7 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("preset", choices=[name for name, _, _ in PRESETS], help="the preset every run starts from")
     add_config_arguments(p, toy2d(), skip=("seed",))
     p.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
-                   help="swept fields; the first arm of the product is the control")
+                   help="swept fields: the arms are their cartesian product")
+    p.add_argument("--arm", action="append", default=[], metavar="'FIELD=V FIELD=V'",
+                   help="one more arm (repeatable), after the grid's; the first arm of all is the control")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 (default: 3)")
     p.add_argument("--first-seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--pretrain-steps", type=int, default=None,
@@ -59,7 +62,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     if args.pretrain_steps is not None and args.pretrain_steps < 1:
         raise CLIError(f"--pretrain-steps must be >= 1; got {args.pretrain_steps}")
     try:
-        arms = parse_grid(args.grid)
+        arms = (parse_grid(args.grid) if args.grid or not args.arm else []) + [parse_arm(a) for a in args.arm]
         return StudyPlan(base=base, arms=tuple(arms), seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
                          pretrain_steps=args.pretrain_steps)
     except ValueError as e:

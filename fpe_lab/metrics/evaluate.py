@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, jacobian_asymmetry_sq, residual_sq, score_fpe_terms
 from fpe_lab.likelihood import UniformDequantization, dsm_nll_bound, pf_ode_nll

@@ -56,7 +56,7 @@ def batch_loss(module: ScoreModel, x0, t, z, probe) -> torch.Tensor:
     sde = module.sde
     reg = FPERegularizer(lam=LAM, divergence=GivenProbe(given=probe))
     dsm = dsm_loss(module, sde, x0, t, z)
-    fpe = reg(module, sde, perturb(sde, x0, t, z), t)
+    fpe = reg.penalty_at(module, sde, perturb(sde, x0, t, z), t)
     return (dsm + LAM * fpe).mean()
 
 
