@@ -63,5 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def main_exit() -> None:
+    """The ``fpe-lab`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

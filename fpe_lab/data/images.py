@@ -13,6 +13,7 @@ only accepts the numpy array reconstructors, so a tampered file cannot run code.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import io
 import math
 import pickle
@@ -113,11 +114,13 @@ class ImageDataset:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, bytes, numbers and numpy arrays only (no other callables)."""
 
+    # numpy 2 moved numpy.core to numpy._core; pickles name either, and either maps to the installed one
+    _MULTIARRAY = "numpy._core.multiarray" if importlib.util.find_spec("numpy._core") else "numpy.core.multiarray"
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"): (_MULTIARRAY, "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"): (_MULTIARRAY, "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"): (_MULTIARRAY, "scalar"),
+        ("numpy._core.multiarray", "scalar"): (_MULTIARRAY, "scalar"),
         ("numpy", "ndarray"): ("numpy", "ndarray"),
         ("numpy", "dtype"): ("numpy", "dtype"),
         # Python 3 writes bytes at protocol 2 as _codecs.encode(str, "latin1"): a pure function
