@@ -186,7 +186,7 @@ def check_grid(data_bounds, box, n: int, context: str) -> None:
     )
 
 
-def check_method(method, sde, times) -> None:
+def check_method(method, sde, times, sde_flag: str) -> None:
     """CLIError when the solver cannot take this SDE (e.g. the separable propagator and sub-VP)."""
     from fpe_lab.groundtruth import Method
     from fpe_lab.groundtruth.propagator import time_change
@@ -196,7 +196,7 @@ def check_method(method, sde, times) -> None:
             time_change(sde, float(times[-1]))
         except ValueError:
             raise CLIError(
-                f"--method separable cannot solve {type(sde).__name__}: it needs a drift that is a constant multiple "
+                f"--method separable cannot solve --sde {sde_flag}: it needs a drift that is a constant multiple "
                 "of ½g²·x (VE, VP; not sub-VP); use --method convolution, finite_volume or log_density"
             ) from None
 
@@ -259,7 +259,7 @@ def _run(args: argparse.Namespace) -> int:
     method = _method(args.method)
     box = box_for(data.bounds, sde, times)
     check_grid(data.bounds, box, args.grid, f"--data {args.data} --sde {args.sde} up to t = {times[-1]:g}")
-    check_method(method, sde, times)
+    check_method(method, sde, times, args.sde)
     out = args.out if args.out is not None else Path("runs") / f"groundtruth_{args.data}_{args.sde}_{args.grid}"
     check_outputs(out, args.overwrite)
 

@@ -109,7 +109,7 @@ def test_cli_refuses_existing_outputs_without_overwrite(tmp_path, capsys):
          "cells 101 wide, and the data box [-5.2, 5.2] must span at least 2 cells per axis for p_0 to be sampled; "
          "use --grid >= 156"),
         (["--sde", "subvp", "--method", "separable", "--grid", "16"],
-         "error: --method separable cannot solve SubVPSDE: it needs a drift that is a constant multiple of ½g²·x "
+         "error: --method separable cannot solve --sde subvp: it needs a drift that is a constant multiple of ½g²·x "
          "(VE, VP; not sub-VP); use --method convolution, finite_volume or log_density"),
     ],
     ids=["times-order", "grid-range", "time-range", "grid-too-coarse", "separable-subvp"],
