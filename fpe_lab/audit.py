@@ -311,7 +311,8 @@ def audit(
 # ---------------------------------------------------------------------- figure
 def report_figure(report: AuditReport):
     """A ``matplotlib.figure.Figure`` (no global backend) with every per-t quantity against t (log t):
-    E‖R‖² and E[S²] (log y), the relative residual, the asymmetry ratio and the DSM loss, with ±2 SE bars."""
+    E‖R‖² and E[S²] (log y), the relative residual, the asymmetry ratio and the DSM loss (with D, its
+    value for s = 0), with ±2 SE bars."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 3.4), layout="constrained")
@@ -322,8 +323,8 @@ def report_figure(report: AuditReport):
         ax.errorbar(t, y, yerr=[2 * s for s in se], marker="o", ms=3, capsize=2, label=label, color=color)
 
     ax = axes[0]
+    ax.plot(t, report.term_scale, color="0.7", lw=4, zorder=1, label="E[S²] (size of the terms)")
     band(ax, report.residual, report.residual_se, "E‖R‖² (unbiased)")
-    ax.plot(t, report.term_scale, "k--", lw=1, label="E[S²] (size of the terms)")
     if all(v > 0 for v in report.residual) and all(v > 0 for v in report.term_scale):
         ax.set_yscale("log")
     ax.set_title("score-FPE residual")
@@ -333,6 +334,8 @@ def report_figure(report: AuditReport):
     band(axes[2], report.asymmetry, report.asymmetry_se, "E‖J−Jᵀ‖² / E‖J‖²")
     axes[2].set_title("Jacobian asymmetry")
     band(axes[3], report.dsm, report.dsm_se, "E‖σ s + z‖²")
+    axes[3].axhline(report.dim, color="0.5", ls="--", lw=1, label=f"D = {report.dim} (s = 0)")
+    axes[3].legend(fontsize=7)
     axes[3].set_title("DSM loss")
     if all(v > 0 for v in report.dsm):
         axes[3].set_yscale("log")

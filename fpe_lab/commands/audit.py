@@ -77,7 +77,7 @@ def _load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
 
     if not path.is_dir():
         raise CLIError(f"MODEL {path} is not a folder (expected a diffusers UNet2DModel folder or an fpe_lab run folder)")
-    if dm.is_diffusers_model(path):
+    if dm.looks_like_diffusers(path):
         try:
             model = dm.load_diffusers_score(path, dtype=dtype, device=device)
         except (dm.MissingDiffusersError, dm.DiffusersModelError) as e:

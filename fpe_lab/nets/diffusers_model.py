@@ -73,6 +73,7 @@ __all__ = [
     "load_diffusers_score",
     "find_unet_dir",
     "is_diffusers_model",
+    "looks_like_diffusers",
     "AUDIT_EXTRA",
     "CONFIG_NAME",
     "SAFETENSORS_NAME",
@@ -245,14 +246,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _is_unet_dir(d: Path) -> bool:
-    cfg = d / CONFIG_NAME
-    if not cfg.is_file() or not ((d / SAFETENSORS_NAME).is_file() or (d / BIN_NAME).is_file()):
-        return False
+def _class_name(d: Path) -> str | None:
+    """The ``_class_name`` of ``d/config.json`` (diffusers writes it), or None."""
     try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "UNet2DModel"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False
+        data = json.loads((d / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _has_weights(d: Path) -> bool:
+    return (d / SAFETENSORS_NAME).is_file() or (d / BIN_NAME).is_file()
+
+
+def looks_like_diffusers(path: str | Path) -> bool:
+    """Whether ``path`` (or ``path/unet``) has a diffusers ``config.json`` (one with ``_class_name``),
+    usable or not; :func:`find_unet_dir` then says what is wrong with it."""
+    p = Path(path)
+    return _class_name(p) is not None or _class_name(p / "unet") is not None
 
 
 def find_unet_dir(path: str | Path) -> tuple[Path, Path | None]:
@@ -264,14 +276,21 @@ def find_unet_dir(path: str | Path) -> tuple[Path, Path | None]:
     ``scheduler_config.json`` beside the UNet's own config also counts.
     """
     p = Path(path)
-    if _is_unet_dir(p):
-        for sched in (p / SCHEDULER_CONFIG_NAME, p.parent / "scheduler" / SCHEDULER_CONFIG_NAME):
-            if sched.is_file() and (sched.parent == p or p.name == "unet"):
-                return p, sched
-        return p, None
-    if _is_unet_dir(p / "unet"):
+    for d in (p, p / "unet"):
+        name = _class_name(d)
+        if name is None:
+            continue
+        if name != "UNet2DModel":
+            raise DiffusersModelError(f"{d / CONFIG_NAME} describes a diffusers {name}; only UNet2DModel (unconditional DDPM) is supported")
+        if not _has_weights(d):
+            raise DiffusersModelError(f"{d} has a UNet2DModel {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or {BIN_NAME})")
+        if d == p:
+            for sched in (p / SCHEDULER_CONFIG_NAME, p.parent / "scheduler" / SCHEDULER_CONFIG_NAME):
+                if sched.is_file() and (sched.parent == p or p.name == "unet"):
+                    return p, sched
+            return p, None
         sched = p / "scheduler" / SCHEDULER_CONFIG_NAME
-        return p / "unet", sched if sched.is_file() else None
+        return d, sched if sched.is_file() else None
     raise DiffusersModelError(
         f"{p} is not a diffusers UNet2DModel folder: expected {CONFIG_NAME} with \"_class_name\": \"UNet2DModel\" "
         f"and {SAFETENSORS_NAME} (or {BIN_NAME}), directly or in a unet/ subfolder"

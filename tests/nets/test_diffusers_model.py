@@ -219,6 +219,14 @@ def test_bad_requests_name_both_sides(saved_unet, tmp_path):
         model(torch.zeros(2, 3, 8, 8), torch.full((2,), 0.5))
     with pytest.raises(DiffusersModelError, match="is not a diffusers UNet2DModel folder"):
         load_diffusers_score(tmp_path)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(DiffusersModelError, match="has a UNet2DModel config.json but no weights"):
+        load_diffusers_score(no_weights)
+    (no_weights / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(DiffusersModelError, match="describes a diffusers UNet2DConditionModel; only UNet2DModel"):
+        load_diffusers_score(no_weights)
     fourier = tmp_path / "fourier"
     fourier.mkdir()
     cfg = json.loads((folder / "config.json").read_text())
