@@ -20,6 +20,11 @@ Derivatives are exact and batched: ∂_t s by one forward-mode JVP in t, spatial
 reverse-mode passes over the batch sum. Summing over the batch is exact only when samples do not
 interact inside ``score_fn`` (no train-mode BatchNorm, no attention across samples). The divergence
 is exact (D reverse passes, for low D) or a Hutchinson estimate (one pass per probe, for images).
+
+With a Hutchinson divergence ‖R̂‖² overestimates ‖R‖² by the estimator's variance (which grows with D);
+:func:`residual_sq` gives the unbiased ⟨R̂₁, R̂₂⟩ from two independent probe sets, and
+:func:`jacobian_asymmetry_sq` unbiased estimates of ‖J − Jᵀ‖²_F and ‖J‖²_F; :class:`Estimate` holds
+per-sample values with their mean and standard error.
 """
 
 from __future__ import annotations
