@@ -18,6 +18,7 @@ import argparse
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,30 +42,32 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def add_parser(subparsers) -> None:
+    description = re.sub(r":\w+:`([^`]*)`", r"\1", (__doc__ or "").replace("``", ""))
     p = subparsers.add_parser(
         "audit", help="audit a pretrained score model (diffusers UNet2DModel or fpe_lab run) against the score FPE",
-        description=(__doc__ or "").split("\n\n")[0].replace("``", "") + " See the module docstring of "
-        "fpe_lab.commands.audit for MODEL and --data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="a diffusers UNet2DModel folder or an fpe_lab run folder")
     p.add_argument("--data", required=True, choices=DATA_CHOICES,
                    help="data x0 to perturb: an image test split, a 2-D toy set, or 'model' (the model's own samples)")
     p.add_argument("--data-dir", type=Path, default=None, help="cifar10: the cifar-10-batches-py folder or its parent")
-    p.add_argument("--points", type=ranged(int, 1), default=64, help="data points per time")
+    p.add_argument("--points", type=ranged(int, 1), default=64, help="data points per time (default: %(default)s)")
     p.add_argument("--times", type=ranged(float, 0.0, 1.0, lo_open=True), nargs="+", default=None, metavar="T",
                    help="times in [eps, 1], increasing (default: 8 log-spaced from eps to 1)")
     p.add_argument("--probes", type=ranged(int, 1), default=2,
-                   help="Rademacher probes per Hutchinson estimate (D > 16; exact below)")
+                   help="Rademacher probes per Hutchinson estimate when D > 16; exact below (default: %(default)s)")
     p.add_argument("--eps", type=ranged(float, 0.0, 1.0, lo_open=True), default=DEFAULT_EPS,
-                   help="smallest time (and the end time of --data model sampling)")
+                   help="smallest time, and the end time of --data model sampling (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output folder for audit.json and audit.png")
-    p.add_argument("--batch", type=ranged(int, 1), default=16, help="points per chunk (memory)")
+    p.add_argument("--batch", type=ranged(int, 1), default=16, help="points per chunk, for memory (default: %(default)s)")
     p.add_argument("--device", choices=[d.value for d in DeviceChoice], default=DeviceChoice.AUTO.value,
-                   help="device (auto: cuda if available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="precision of the model and the derivatives")
-    p.add_argument("--seed", type=ranged(int, 0), default=0, help="seed of the data subset, noise and probes")
-    p.add_argument("--sample-steps", type=ranged(int, 1), default=200, help="--data model: reverse-SDE steps")
+                   help="device; auto: cuda if available (default: %(default)s)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the model and the derivatives (default: %(default)s)")
+    p.add_argument("--seed", type=ranged(int, 0), default=0,
+                   help="seed of the data subset, noise and probes (default: %(default)s)")
+    p.add_argument("--sample-steps", type=ranged(int, 1), default=200,
+                   help="--data model: reverse-SDE steps (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {AUDIT_NAME}")
     p.set_defaults(handler=_audit_command)
     one_line_errors(p)
@@ -111,8 +114,9 @@ def _load_data(args: argparse.Namespace, model, sde: LinearSDE, shape: tuple[int
         from fpe_lab.sampling import reverse_sde_sample
 
         x_T = sde.prior_sample((n, *shape), generator=generator, dtype=dtype).to(device)
-        return reverse_sde_sample(model, sde, x_T, n_steps=args.sample_steps, eps=args.eps, generator=None
-                                  if device.type != "cpu" else generator, progress=True).detach()
+        noise = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(args.seed)
+        return reverse_sde_sample(model, sde, x_T, n_steps=args.sample_steps, eps=args.eps, generator=noise,
+                                  progress=True).detach()
     if data in TOY_NAMES:
         have = (2,)
         if have != shape:
