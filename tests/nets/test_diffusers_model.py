@@ -3,7 +3,6 @@ UNet2DModel, derivatives through it (forward mode in t, double backward through 
 pickles that would run code, and bad input."""
 
 import json
-import math
 import pickle
 import sys
 from pathlib import Path
