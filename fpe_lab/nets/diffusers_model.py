@@ -46,6 +46,10 @@ The positional time embedding is evaluated in the input's dtype (diffusers casts
 for float64 the attention's upcast of QKᵀ and softmax to float32 (a safeguard for float16) is turned
 off, so a float64 model is float64 end to end.
 
+Time enters as k = (N − 1) t through sinusoids of frequency up to 1 in k, so ∂³_t s ~ N³ |s|: use the
+exact forward-mode ∂_t (:class:`fpe_lab.fpe.ForwardModeDt`, the default); a central difference needs
+h ≲ 1e-6 (``FiniteDifferenceDt``'s default h = 1e-3 would be off by O(1)).
+
 diffusers and safetensors are optional: ``pip install -e ".[audit]"``.
 """
 
