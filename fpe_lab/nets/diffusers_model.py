@@ -48,7 +48,7 @@ off, so a float64 model is float64 end to end.
 
 Time enters as k = (N − 1) t through sinusoids of frequency up to 1 in k, so ∂³_t s ~ N³ |s|: use the
 exact forward-mode ∂_t (:class:`fpe_lab.fpe.ForwardModeDt`, the default); a central difference needs
-h ≲ 1e-6 (``FiniteDifferenceDt``'s default h = 1e-3 would be off by O(1)).
+h ≲ 1e-6 (``FiniteDifferenceDt``'s default h = 1e-3 was off by ~20% on a random tiny UNet).
 
 diffusers and safetensors are optional: ``pip install -e ".[audit]"``.
 """
