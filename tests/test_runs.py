@@ -18,7 +18,7 @@ from fpe_lab import run as cli
 from fpe_lab import runs
 from fpe_lab.checkpoint import load_checkpoint
 
-from .images.fake_cifar import write_fake_cifar10
+from .fake_cifar import write_fake_cifar10
 
 IMG = ["--width", "8", "--batch", "4", "--eval-points", "4", "--eval-nll-points", "0", "--eval-batch", "4",
        "--eval-times", "0.5", "--ckpt-every", "2", "--reg", "fpe", "--lam", "0.5"]

@@ -17,7 +17,7 @@ with one ghost cell per wall filled by *quadratic extrapolation*, u_{−1} = 3u_
 (∂³u/∂n³ = 0: the Gaussian-tail behaviour; exact for Gaussian tails, so the wall adds no error there).
 For tails that are not Gaussian (u with ∂³u ≠ 0 at the wall, e.g. a quartic potential) the ghost makes an
 O(h) error in the few cells next to the walls (measured ~h^0.6 in the cells at p ~ 1e-20..1e-39·max of
-tests/groundtruth/test_gt_log_density.py::test_log_density_stationary_gradient_drift); it stays there
+tests/groundtruth/test_log_density.py::test_log_density_stationary_gradient_drift); it stays there
 because the transport velocity −a_d points out of the box. Put the walls where p ≲ 1e-16·max.
 F is evaluated pointwise at the cell centres; ∇·f comes from ``sde.div_drift`` if the SDE has it, else
 from autograd through ``sde.drift``.

@@ -178,7 +178,7 @@ def solve_fokker_planck(
     small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
     exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth (issue 3)").
     LOG_DENSITY solves for log p instead: second order with an about uniform score error from the modes
-    down to p ≈ 1e-60·max (1D and 2D, VE/VP/sub-VP, tests/groundtruth/test_gt_log_density.py), but it
+    down to p ≈ 1e-60·max (1D and 2D, VE/VP/sub-VP, tests/groundtruth/test_log_density.py), but it
     needs p0 > 0: cells below 1e-100·max are raised to that floor with a ResolutionWarning, and a p0
     with jumps to zero (checkerboard) is too steep for it (RuntimeError; use FINITE_VOLUME or CONVOLUTION).
 

@@ -18,7 +18,7 @@ from fpe_lab.audit import AuditReport, audit
 from fpe_lab.commands.audit import read_audit
 from fpe_lab.data.images import ImageSplit, load_digits
 
-from ..images.fake_cifar import write_fake_cifar10
+from ..fake_cifar import write_fake_cifar10
 
 pytest.importorskip("sklearn")  # the digits data set
 

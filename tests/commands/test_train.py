@@ -16,7 +16,7 @@ from fpe_lab import runs
 from fpe_lab.checkpoint import load_checkpoint
 from fpe_lab.config import leaves
 
-from ..images.fake_cifar import write_fake_cifar10
+from ..fake_cifar import write_fake_cifar10
 
 TINY = ["--width", "16", "--depth", "1", "--batch", "32", "--eval-points", "20", "--eval-nll-points", "4",
         "--eval-samples", "0", "--eval-times", "0.1", "0.5", "--ckpt-every", "10"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, solve_fokker_planck
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
-from gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
+from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
 
 SDES = [VESDE(), VPSDE(), SubVPSDE()]
 # VE: sigma(0.4) = 0.30 spans > 2 cells on both grids; sigma(0.5) = 0.71 keeps p/max < 1e-12 at the walls of [−10, 10]

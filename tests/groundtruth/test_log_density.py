@@ -10,8 +10,8 @@ from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, ResolutionWarning, solve_fokker_planck
 from fpe_lab.groundtruth.log_density import central_gradient
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
-from gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
-from test_gt_finite_volume import MovingMixtureSDE, fitted_order
+from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
+from .test_finite_volume import MovingMixtureSDE, fitted_order
 
 LD = Method.LOG_DENSITY
 DEEP = (1e-3, 1e-6, 1e-10, 1e-12, 1e-30, 1e-60)

@@ -12,7 +12,7 @@ from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, solve_fokker_planck
 from fpe_lab.groundtruth.finite_volume import bernoulli, solve_density
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
-from gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
+from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
 
 FV = Method.FINITE_VOLUME
 

@@ -11,7 +11,7 @@ import torch
 
 from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
 
-from .fake_cifar import write_fake_cifar10
+from ..fake_cifar import write_fake_cifar10
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from fpe_lab.groundtruth import Grid, Method, solve_fokker_planck
 from fpe_lab.groundtruth.finite_volume import solve_density
 from fpe_lab.groundtruth.propagator import propagate_separable
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
-from gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
+from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
 
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=lambda s: type(s).__name__)
