@@ -1,0 +1,89 @@
+"""fpe_lab.config: the nested run configuration, its presets, JSON round trip, validation, fingerprint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fpe_lab.config import (
+    Dataset,
+    RegKind,
+    RunConfig,
+    SDEKind,
+    cifar10,
+    digits,
+    leaves,
+    toy2d,
+)
+from fpe_lab.losses import DSMWeighting, FPEWeighting
+
+
+@pytest.mark.parametrize("preset", [toy2d, cifar10, digits])
+def test_presets_round_trip_through_json(preset):
+    c = preset()
+    assert RunConfig.from_json(c.to_json()) == c
+    assert json.loads(c.to_json()) == c.to_dict()
+
+
+def test_presets_are_values_of_one_configuration():
+    t, c, d = toy2d(), cifar10(), digits()
+    assert (t.data.name, c.data.name, d.data.name) == (Dataset.GMM, Dataset.CIFAR10, Dataset.DIGITS)
+    assert t.dim == 2 and c.dim == 3072 and d.dim == 64
+    assert c.loss.reg.per_dim and not t.loss.reg.per_dim and c.data.hflip and not d.data.hflip
+
+
+def test_override_sets_leaves_and_validates():
+    c = toy2d().override({("loss", "dsm_weighting"): "likelihood", ("loss", "reg", "weighting"): FPEWeighting.G2,
+                          ("loss", "eps"): 1e-5, ("sde", "kind"): "ve", ("eval", "times"): (0.5, 1.0)})
+    assert c.loss.dsm_weighting is DSMWeighting.LIKELIHOOD and c.loss.reg.weighting is FPEWeighting.G2
+    assert c.sde.kind is SDEKind.VE and c.eval.times == (0.5, 1.0) and c.loss.eps == 1e-5
+    with pytest.raises(ValueError, match=r"eps must be a finite number in \(0, 0.5\]; got 0.7"):
+        toy2d().override({("loss", "eps"): 0.7})
+
+
+def test_plain_dsm_has_one_spelling():
+    a = toy2d().override({("loss", "reg", "kind"): RegKind.NONE})
+    b = toy2d().override({("loss", "reg", "lam"): 0.0})
+    assert a == b and a.loss.reg.lam == 0 and b.loss.reg.kind is RegKind.NONE
+    with pytest.raises(ValueError, match="a regularizer needs lam > 0"):
+        a.override({("loss", "reg", "kind"): RegKind.FPE})
+    # plain DSM ignores the other regularizer fields: one run, one folder
+    c = a.override({("loss", "reg", "weighting"): FPEWeighting.G2})
+    assert c != a and c.fingerprint() == a.fingerprint()
+
+
+def test_fingerprint_ignores_steps_checkpoints_device_and_evaluation_only():
+    base = toy2d()
+    same = base.override({("optim", "steps"): 99, ("optim", "ckpt_every"): 7, ("optim", "keep"): 1,
+                          ("device",): "cpu", ("threads",): 2, ("eval", "points"): 10})
+    assert same.fingerprint() == base.fingerprint()
+    for path, value in ((("loss", "eps"), 2e-3), (("seed",), 1), (("optim", "lr"), 1e-3), (("model", "width"), 64),
+                        (("sde", "beta_max"), 19.0), (("data", "name"), "moons")):
+        assert base.override({path: value}).fingerprint() != base.fingerprint(), path
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"loss": {"epsilon": 1}}, r"unknown key\(s\) 'loss.epsilon'"),
+    ({"sde": {"kind": "vv"}}, r"sde.kind must be one of \['ve', 'vp', 'subvp'\]; got 'vv'"),
+    ({"optim": {"steps": 0}}, "steps must be an integer >= 1; got 0"),
+    ({"optim": {"ema_decay": 1.0}}, "ema_decay"),
+    ({"model": {"width": 0}}, "width"),
+    ({"data": {"hflip": True}}, "hflip applies to images only"),
+    ({"eval": {"times": []}}, "eval times"),
+    ({"loss": {"reg": {"hodsm_order": 4}}}, "hodsm_order"),
+    ({"data": {"name": "cifar10"}, "loss": {"reg": {"residual_path": "jet"}}}, "residual_path jet needs the MLP"),
+    ({"loss": {"reg": {"divergence": "hutchinson"}}}, "use --residual-path generic"),
+    ({"optim": {"batch": 4}, "loss": {"reg": {"n_points": 8}}}, r"fpe_batch must be <= batch \(4\)"),
+    ([1, 2], "config must be a JSON object"),
+])
+def test_bad_configurations_name_the_field(d, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_dict(d)
+
+
+def test_every_leaf_has_help_and_a_unique_flag():
+    ls = list(leaves())
+    assert all(leaf.help for leaf in ls)
+    assert len({leaf.flag for leaf in ls}) == len(ls)
+    assert len({leaf.path for leaf in ls}) == len(ls)
