@@ -1,4 +1,4 @@
-"""Ground-truth solvers side by side (issue 3, item 6): wall time and score error in one run.
+"""Ground-truth solvers side by side: wall time and score error in one run.
 
 Problem: VP SDE, four Gaussians at (±2, 0), (0, ±2) with sd 0.2/0.3/0.25/0.35, box [−8, 8]², n² cells,
 t = 0.5 and t = 0.1. Score error = max |s_num − s_exact| over cells with p ≥ level·max p (exact

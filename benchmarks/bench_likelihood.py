@@ -1,4 +1,4 @@
-"""PF-ODE NLL cost (fpe_lab.likelihood.pf_ode_nll) for many points, issue 4 item 6.
+"""PF-ODE NLL cost (fpe_lab.likelihood.pf_ode_nll) for many points.
 
 Times −log p_eps(x) of N points (default 10,000) under the probability-flow ODE of a ScoreModel(TimeMLP
 3×128) on 2-D data, VP SDE, RK45 at rtol = atol = 1e-5, eps = 1e-5 (Score SDE's likelihood settings).

@@ -1,4 +1,4 @@
-"""Cost of the exact score-FPE residual per sample at D = 2, relative to one forward pass (issue 2, item 7).
+"""Cost of the exact score-FPE residual per sample at D = 2, relative to one forward pass.
 
 Model: fpe_lab.model.ScoreModel(fpe_lab.nets.mlp.TimeMLP(2, width, depth), VPSDE()), float32.
 Every way of computing R = ∂_t s − ∇[½g² ∇·s + ½g² ‖s‖² − ⟨f, s⟩ − ∇·f] that was tried:
@@ -11,7 +11,7 @@ Every way of computing R = ∂_t s − ∇[½g² ∇·s + ½g² ‖s‖² − �
 * ``vmap(hessian)``       explicit terms from J = jacrev s and H = jacrev(jacrev s):
                           R = ∂_t s − [½g² (Σ_i H_iki + 2Jᵀs) − a (Jᵀx + s)]  (f = a(t) x);
 * ``hutchinson(n)``       the library path with Hutchinson(n, Rademacher) for ∇·s (unbiased, not exact);
-* ``jet``                 fpe_lab.nets.jet.jet_score_fpe_residual (Taylor mode, written in issue 4),
+* ``jet``                 fpe_lab.nets.jet.jet_score_fpe_residual (Taylor mode),
                           listed when importable.
 
 Not listed because they fail for SiLU networks in torch 2.x: any forward-mode pass over a first
@@ -50,7 +50,7 @@ from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import LinearSDE, VPSDE
 
-try:  # the Taylor-mode path of issue 4; optional here
+try:  # the Taylor-mode path; optional here
     from fpe_lab.nets.jet import jet_score_fpe_residual
 except ImportError:  # pragma: no cover - depends on the checkout
     jet_score_fpe_residual = None

@@ -1,4 +1,4 @@
-"""Training-step cost of DSM vs DSM + score-FPE regularizer (generic autograd path vs jet path), issue 4.
+"""Training-step cost of DSM vs DSM + score-FPE regularizer (generic autograd path vs jet path).
 
 One step = loss (fpe_lab.losses.ScoreFPELoss) + backward + Adam update of a ScoreModel(TimeMLP) on
 D-dimensional points. Three variants per MLP size, same initial weights and batches:

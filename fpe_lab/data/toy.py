@@ -294,7 +294,7 @@ def _default_gmm() -> GaussianMixture:
 
 @dataclass(frozen=True, repr=False, eq=False)
 class GMM(_MixtureDistribution):
-    """Any 2D Gaussian mixture as a toy set (default: the 4-Gaussian test mixture of REFERENCE.md §3).
+    """Any 2D Gaussian mixture as a toy set (default: the 4-Gaussian test mixture of the ground-truth benchmarks, docs/conventions.md).
 
     ``width`` is the smallest component standard deviation; ``bounds`` is the box of the means ± 7 sd
     of the widest direction, made square.

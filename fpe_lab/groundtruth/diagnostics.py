@@ -28,7 +28,7 @@ __all__ = [
     "check_resolution",
 ]
 
-# p/max on the wall cells above which the walls change p_t noticeably; REFERENCE.md §3 asks for
+# p/max on the wall cells above which the walls change p_t noticeably; docs/conventions.md asks for
 # p/max <~ 1e-16 at the walls; 1e-12 keeps the wall's effect below the tail accuracy we claim.
 WALL_TOL = 1e-12
 # max |h² Δ_h p0| / max p0 above which p0 is not resolved: a Gaussian of width w has h²|p''|/p = h²/w²

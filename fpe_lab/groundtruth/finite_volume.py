@@ -21,7 +21,7 @@ carry no flux) and e^{tL}, (I − kL)^{-1} are positivity preserving.
 costs one tridiagonal solve per axis (all grid lines at once). Each factor is a column-diagonally
 dominant M-matrix, so Gaussian elimination needs no pivoting and only adds positive numbers: every
 cell, even at p = 1e-200·max, keeps *relative* accuracy — this is what keeps the scores flat into the
-tails (the role log p plays in REFERENCE.md §3, without a nonlinear equation). Φ is first order; local
+tails (the role log p plays in the log-density solver, without a nonlinear equation). Φ is first order; local
 Richardson extrapolation
 
     p^{n+1} = 2 Φ_{k/2}(Φ_{k/2}(p^n; t_n); t_n + k/2) − Φ_k(p^n; t_n)

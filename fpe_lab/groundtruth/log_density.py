@@ -1,6 +1,6 @@
 r"""Log-density Fokker–Planck solver: u = log p on a 1D/2D grid, for any drift f(x, t) and g(t).
 
-Dividing the FPE ∂_t p = −∇·(f p) + ½g²Δp by p gives the equation of u = log p (REFERENCE.md §3),
+Dividing the FPE ∂_t p = −∇·(f p) + ½g²Δp by p gives the equation of u = log p (docs/conventions.md, "Ground-truth numerics"),
 
     ∂_t u = F(u, t) = −∇·f − f·∇u + ½g² (Δu + |∇u|²),
 

@@ -176,7 +176,7 @@ def solve_fokker_planck(
     kernel, exact down to ~1e-14·max (cells below are marked −inf/NaN, with a warning). FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
     "young" tails (little added variance compared with the distance from the data: VE or any SDE at
     small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
-    exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth (issue 3)").
+    exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth").
     LOG_DENSITY solves for log p instead: second order with an about uniform score error from the modes
     down to p ≈ 1e-60·max (1D and 2D, VE/VP/sub-VP, tests/groundtruth/test_log_density.py), but it
     needs p0 > 0: cells below 1e-100·max are raised to that floor with a ResolutionWarning, and a p0

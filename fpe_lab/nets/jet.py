@@ -1,4 +1,4 @@
-r"""A fast exact score-FPE residual for :class:`~fpe_lab.nets.mlp.TimeMLP` score models (issue 4, item 2).
+r"""A fast exact score-FPE residual for :class:`~fpe_lab.nets.mlp.TimeMLP` score models.
 
 The score FPE residual (FP-Diffusion, Lai et al. 2023, Sec. 3) of s = ∇ log p_t needs only
 

@@ -234,7 +234,7 @@ def test_fv_conserves_mass_and_positivity_for_rough_p0():
 
 @pytest.mark.slow
 def test_fv_tail_bands_256():
-    """Issue 3 benchmark problem: score error by p band at 256², VP, t = 0.5."""
+    """The ground-truth benchmark problem: score error by p band at 256², VP, t = 0.5."""
     sds = [0.2, 0.3, 0.25, 0.35]
     gm = GaussianMixture(np.ones(4), np.array([[2, 0], [-2, 0], [0, 2], [0, -2.0]]),
                          np.array([np.eye(2) * s * s for s in sds]), dtype=torch.float64)
@@ -243,5 +243,5 @@ def test_fv_tail_bands_256():
     sol = solve_fokker_planck(sde, p0, grid, [t], method=FV, n_steps=200, progress=False)
     lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
     bands = score_error_bands(sol.score[0], on_grid(lambda x: gm.score(x, t, sde), grid), lp)
-    assert bands[1e-6] < 1e-3, bands  # issue 3 target (measured 9.0e-4 at 100 steps; 200 for margin)
-    assert bands[1e-10] < 10 * bands[1e-3], bands  # issue 3 tail target
+    assert bands[1e-6] < 1e-3, bands  # the solver's accuracy target (measured 9.0e-4 at 100 steps; 200 for margin)
+    assert bands[1e-10] < 10 * bands[1e-3], bands  # its tail target
