@@ -90,7 +90,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError / RuntimeError for corrupt or unsafe files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} (not a checkpoint written by "
+                         "fpe_lab, or one holding objects other than tensors and plain values)") from None
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:

@@ -63,6 +63,10 @@ __all__ = [
     "DEFAULT_TIMES",
 ]
 
+MIN_EPS = 1e-6
+"""Smallest eps: 1 − eps must differ from 1 in float32 (resolution 1.2e-7) with digits to spare."""
+
+
 # ---------------------------------------------------------------------- choices
 class Dataset(enum.Enum):
     """The data sets: 2-D toy sets (``fpe_lab.data.toy``, exact p_t known) and image sets (``fpe_lab.data.images``)."""
@@ -373,6 +377,9 @@ class LossConfig(_Section):
     def __post_init__(self) -> None:
         self._check_enums()
         _check_float("eps", self.eps, 0.0, 0.5, lo_open=True)
+        if self.eps < MIN_EPS:
+            raise ValueError(f"eps must be >= {MIN_EPS:g} (below it float32, the training dtype, cannot tell "
+                             f"1 − eps from 1 in the PF-ODE and sigma(eps) loses its digits); got {self.eps:g}")
 
 
 @dataclass(frozen=True)

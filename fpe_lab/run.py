@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 
 # The commands, in the order ``--help`` shows them. Add a module here to add a command.
 COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study", "audit")
@@ -46,13 +46,21 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except EnvironmentFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except TrainingInterrupted as e:
         print(f"error: interrupted: {e}; rerun the same command with --resume to continue", file=sys.stderr)
         return e.exit_code
     except (OSError, MemoryError) as e:
         if args.debug:
             raise
-        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else (str(e) or type(e).__name__)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e.strerror):
+            what = f"{e.strerror}: {e.filename}"
+        elif isinstance(e, OSError) and e.strerror:
+            what = e.strerror
+        else:
+            what = str(e) or type(e).__name__
         print(f"error: {what.splitlines()[0]} (check the path's permissions and free space or memory)", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - the contract: one line, the traceback only with --debug

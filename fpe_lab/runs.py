@@ -23,6 +23,7 @@ From Python::
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -166,7 +167,7 @@ def _check_same_run(folder: Path, config: RunConfig) -> None:
 def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool]:
     """Check the folder (creating nothing yet); returns (folder, whether a checkpoint is resumed)."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; it must be a folder (it is created if missing)")
+        raise NotADirectoryError(errno.ENOTDIR, f"--out {out} is a file, not a folder (a folder is created if missing)", str(out))
     folder = run_dir(config, out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"run folder {folder} exists and is a file")

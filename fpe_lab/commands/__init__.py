@@ -12,6 +12,11 @@ class CLIError(Exception):
     """Bad command-line input: printed as ``error: <message>`` with exit code 2, no traceback."""
 
 
+class EnvironmentFailure(Exception):
+    """The environment, not the input, stops the command (not a folder, permissions, disk, memory):
+    printed as ``error: <message>`` with exit code 1."""
+
+
 def ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
     """argparse type: a ``kind`` number in [lo, hi] (or (lo, hi] with lo_open)."""
 

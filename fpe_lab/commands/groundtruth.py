@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fpe_lab.checkpoint import atomic_write_bytes
-from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ GRID_RANGE = (8, 4096)
 MIN_DATA_CELLS = 2
 NPZ_NAME = "solution.npz"
 PNG_NAME = "solution.png"
-
-
-class EnvironmentFailure(Exception):
-    """The environment, not the input, stops the command (not a folder, permissions, disk, memory): exit 1."""
 
 
 def _positive_int(lo: int, hi: int):
