@@ -247,7 +247,8 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
             if env.is_main else None
         try:
             result = train_loop(module, loss_fn, build.batch_sampler(config, data, config.optim.batch // env.world_size),
-                                options, device=device, run_dir=rank_dir, resume=resuming, on_step=step_log)
+                                options, device=device, run_dir=rank_dir, resume=resuming, on_step=step_log,
+                                main_dir=folder)
         finally:
             if step_log is not None:
                 step_log.close()

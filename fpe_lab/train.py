@@ -182,6 +182,7 @@ def train(
     run_dir: str | Path | None = None,
     resume: bool = False,
     on_step: Callable[[StepRecord], None] | None = None,
+    main_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place up to ``options.steps`` steps; returns it with its EMA copy.
 
@@ -195,6 +196,9 @@ def train(
         resume: continue from ``run_dir/checkpoint.pt`` (model, EMA, optimizer, step, RNG states);
             its step may be below ``options.steps`` (an interrupted run, or a finished run grown).
         on_step: called after every completed step with its :data:`StepRecord` (``metrics.jsonl``).
+        main_dir: under DDP, the main process's run folder when ``run_dir`` is another rank's: that rank
+            saves only its step and RNG states (weights and optimizer states equal the main process's)
+            and resumes from the main checkpoint plus its own RNG states.
 
     Raises:
         NonFiniteLossError: non-finite loss or gradient; raised before the update, so the model
@@ -213,10 +217,18 @@ def train(
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     resumed_from = None
 
+    rng_only = main_dir is not None and Path(main_dir).resolve() != Path(run_dir or main_dir).resolve()
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in {run_dir}")
         state = load_checkpoint(ckpt_path, map_location=device)
+        if rng_only:  # another rank: the weights and optimizer are the main process's, the RNG state its own
+            own_step, rng = int(state["step"]), state["rng"]
+            state = load_checkpoint(Path(main_dir) / CHECKPOINT_NAME, map_location=device)
+            if int(state["step"]) != own_step:
+                raise ValueError(f"{ckpt_path} is at step {own_step} but {Path(main_dir) / CHECKPOINT_NAME} at step "
+                                 f"{state['step']}: the processes stopped at different steps; resume from a snapshot")
+            state["rng"] = rng
         try:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
@@ -234,6 +246,9 @@ def train(
 
     def save(snapshot: bool) -> None:
         if ckpt_path is None:
+            return
+        if rng_only:
+            save_checkpoint(ckpt_path, {"step": step, "rng": _rng_state(gens), "fingerprint": options.fingerprint})
             return
         state = {
             "model": model.state_dict(),
