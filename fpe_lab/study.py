@@ -169,6 +169,21 @@ class StudyPlan:
             c = c.override({("optim", "init_from"): str(runs.run_dir(self.pretrain_config(seed), out / "pretrain"))})
         return c
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StudyPlan:
+        """Inverse of :meth:`to_dict` (e.g. of a study folder's ``study.json``)."""
+        arms = tuple(Arm(a["name"], tuple((tuple(p), v) for p, v in a["changes"])) for a in d["arms"])
+        return cls(RunConfig.from_dict(d["base"]), arms, tuple(d["seeds"]), d.get("pretrain_steps"))
+
+    @classmethod
+    def load(cls, out: str | Path) -> StudyPlan:
+        """The plan of the study folder ``out``."""
+        path = Path(out) / PLAN_NAME
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a study plan: {e}") from None
+
     def to_dict(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
                 "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
