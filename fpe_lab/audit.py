@@ -33,7 +33,6 @@ interaction between samples inside ``score_fn``). An ``nn.Module`` score runs in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, ScoreFPETerms, jacobian_asymmetry_sq, score_fpe_terms
+from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, ScoreFPETerms, eval_mode, jacobian_asymmetry_sq, score_fpe_terms
 from fpe_lab.sde import LinearSDE
 from fpe_lab.shapes import append_dims
 
@@ -155,20 +154,6 @@ def _pm(v: float, se: float) -> str:
 
 
 # ---------------------------------------------------------------------- estimation
-@contextlib.contextmanager
-def _eval_mode(score_fn: ScoreFn):
-    if not isinstance(score_fn, torch.nn.Module):
-        yield
-        return
-    flags = [(m, m.training) for m in score_fn.modules()]
-    score_fn.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _flat_sq(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float64).reshape(v.shape[0], -1).pow(2).sum(-1)
 
@@ -289,7 +274,7 @@ def audit(
     dim = x0[0].numel()
     exact = dim <= exact_max_dim
     series: dict[str, list[float]] = {k: [] for k in _SERIES}
-    with _eval_mode(score_fn), tqdm(total=len(times) * points, desc="audit", unit="pt", disable=not progress) as bar:
+    with eval_mode(score_fn), tqdm(total=len(times) * points, desc="audit", unit="pt", disable=not progress) as bar:
         for t in times:
             cat = _per_time(score_fn, sde, x0, float(t), exact, probes, batch_size, generator, bar)
             for k, v in cat.items():

@@ -44,6 +44,7 @@ from fpe_lab.shapes import append_dims, batch_time
 
 __all__ = [
     "ScoreFn",
+    "eval_mode",
     "ExactDivergence",
     "Hutchinson",
     "Probe",
@@ -165,7 +166,7 @@ class ForwardModeDt:
 
 
 @contextlib.contextmanager
-def _eval_mode(score_fn: ScoreFn):
+def eval_mode(score_fn: ScoreFn):
     """Put ``score_fn`` (when it is an nn.Module) in eval mode, restoring every submodule's flag after."""
     if not isinstance(score_fn, torch.nn.Module):
         yield
@@ -205,7 +206,7 @@ class FiniteDifferenceDt:
         t0 = t.detach()
         lo = torch.minimum(torch.clamp(t0 - self.h, min=self.eps), t0)
         hi = torch.maximum(torch.clamp(t0 + self.h, max=1.0), t0)
-        with _eval_mode(score_fn):
+        with eval_mode(score_fn):
             dt_s = (score_fn(x, hi) - score_fn(x, lo)) / append_dims(hi - lo, x.ndim)
         return s, dt_s
 
