@@ -74,12 +74,16 @@ def _load_images(config: RunConfig, split):
 
 
 def build_data(config: RunConfig):
-    """Training data: a toy distribution (``sample(n, generator)``, exact p_t known) or the image
-    training split (``fpe_lab.data.images.ImageDataset``)."""
+    """Training data: a toy distribution or the D-dimensional mixture (``sample(n, generator)``, exact
+    p_t known; ``fpe_lab.data.mixture``) or the image training split (``fpe_lab.data.images.ImageDataset``)."""
     if config.data.name.is_image:
         from fpe_lab.data.images import ImageSplit
 
         return _load_images(config, ImageSplit.TRAIN)
+    if config.data.name is Dataset.MIXTURE:
+        from fpe_lab.data.mixture import mixture_data
+
+        return mixture_data(config.data.dim, config.data.components)
     from fpe_lab.data.toy import toy_distribution
 
     return toy_distribution(config.data.name.value)

@@ -66,6 +66,14 @@ __all__ = [
 MIN_EPS = 1e-6
 """Smallest eps: 1 − eps must differ from 1 in float32 (resolution 1.2e-7) with digits to spare."""
 
+MIXTURE_MAX_DIM = 4096
+"""Largest D of the mixture data set (a 64×64 RGB image has 12288; 4096 keeps the (D,) MLP input and the
+per-component D×D covariances of the exact truth, fpe_lab.gmm, within memory)."""
+MIXTURE_MAX_COMPONENTS = 64
+JET_MAX_DIM = 8
+"""Largest D of the jet residual path: it carries 1 + D + D(D+1)/2 derivative streams per hidden unit
+(45 at D = 8, 153 at D = 16, against 6 at D = 2), so its memory grows as D²; above 8 use the generic path."""
+
 
 # ---------------------------------------------------------------------- choices
 class Dataset(enum.Enum):
@@ -80,6 +88,7 @@ class Dataset(enum.Enum):
     PINWHEEL = "pinwheel"
     CIFAR10 = "cifar10"
     DIGITS = "digits"
+    MIXTURE = "mixture"  # a Gaussian mixture in D = data.dim dimensions (fpe_lab.data.mixture)
 
     @property
     def is_image(self) -> bool:
@@ -87,12 +96,16 @@ class Dataset(enum.Enum):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of one sample: (2,) for points, (C, H, W) for images."""
+        """Shape of one sample: (2,) for the toy sets, (C, H, W) for images. The mixture's shape (D,)
+        depends on ``data.dim``: ask :attr:`DataConfig.shape` (ValueError here, never a wrong (2,))."""
         match self:
             case Dataset.CIFAR10:
                 return (3, 32, 32)
             case Dataset.DIGITS:
                 return (1, 8, 8)
+            case Dataset.MIXTURE:
+                raise ValueError("data mixture has shape (data.dim,), set per run: use DataConfig.shape "
+                                 "(config.data.shape), not Dataset.shape")
             case _:
                 return (2,)
 
@@ -271,14 +284,32 @@ class _Section:
 # ---------------------------------------------------------------------- sections
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    name: Dataset = setting(Dataset.GMM, "data set p_0: a 2-D toy set or an image set", flag="data")
+    name: Dataset = setting(Dataset.GMM, "data set p_0: a 2-D toy set, a D-dimensional Gaussian mixture or an "
+                            "image set", flag="data")
     data_dir: str | None = setting(None, "folder of the image files (cifar10: cifar-10-batches-py or its parent)")
     hflip: bool = setting(False, "mirror training images left-right with probability 1/2")
+    dim: int = setting(2, f"mixture: the dimension D, in [1, {MIXTURE_MAX_DIM}] (other data sets: must stay 2)",
+                       flag="data-dim")
+    components: int = setting(4, f"mixture: the number of Gaussian components, in [1, {MIXTURE_MAX_COMPONENTS}]")
 
     def __post_init__(self) -> None:
         self._check_enums()
         if self.hflip and not self.name.is_image:
-            raise ValueError(f"hflip applies to images only; data {self.name.value} is 2-D points")
+            raise ValueError(f"hflip applies to images only; data {self.name.value} is points")
+        _check_int("data_dim", self.dim, 1, MIXTURE_MAX_DIM)
+        _check_int("components", self.components, 1, MIXTURE_MAX_COMPONENTS)
+        if self.name is not Dataset.MIXTURE and (self.dim, self.components) != (2, 4):
+            raise ValueError(f"data_dim and components apply to data mixture only; data {self.name.value} has "
+                             f"data_dim {self.dim}, components {self.components} (leave them at 2 and 4)")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one sample: (dim,) for the mixture, (2,) for the toy sets, (C, H, W) for images."""
+        match self.name:
+            case Dataset.MIXTURE:
+                return (self.dim,)
+            case _:
+                return self.name.shape
 
 
 @dataclass(frozen=True)
@@ -459,6 +490,10 @@ class RunConfig(_Section):
         if reg.kind is RegKind.FPE and self.data.name.is_image and reg.residual_path is ResidualPath.JET:
             raise ValueError(f"residual_path jet needs the MLP of point data; data {self.data.name.value} uses the "
                              "U-Net: use --residual-path generic")
+        if reg.kind is RegKind.FPE and reg.residual_path is ResidualPath.JET and self.dim > JET_MAX_DIM:
+            raise ValueError(f"residual_path jet supports data_dim <= {JET_MAX_DIM} (it carries 1 + D + D(D+1)/2 "
+                             f"derivative streams per hidden unit, {1 + self.dim + self.dim * (self.dim + 1) // 2} "
+                             f"at D = {self.dim}); got data_dim {self.dim}: use --residual-path generic")
         if reg.n_points is not None and reg.n_points > self.optim.batch:
             raise ValueError(f"fpe_batch must be <= batch ({self.optim.batch}); got {reg.n_points}")
         if self.data.name is Dataset.CIFAR10 and self.data.data_dir is None:
@@ -468,8 +503,8 @@ class RunConfig(_Section):
 
     @property
     def dim(self) -> int:
-        """D, the number of coordinates of one sample."""
-        return self.data.name.dim
+        """D, the number of coordinates of one sample (the product of ``data.shape``)."""
+        return math.prod(self.data.shape)
 
     @property
     def eval_seed(self) -> int:
@@ -514,6 +549,8 @@ def _hashed(config: _Section) -> dict[str, Any]:
             continue
         if not f.metadata.get("in_hash", True):
             continue
+        if isinstance(config, DataConfig) and f.name in ("dim", "components") and config.name is not Dataset.MIXTURE:
+            continue  # fixed at 2 and 4 off the mixture: the fingerprints of earlier run folders stay valid
         v = getattr(config, f.name)
         out[f.name] = _hashed(v) if isinstance(v, _Section) else _plain(v)
     return out

@@ -87,3 +87,44 @@ def test_every_leaf_has_help_and_a_unique_flag():
     assert all(leaf.help for leaf in ls)
     assert len({leaf.flag for leaf in ls}) == len(ls)
     assert len({leaf.path for leaf in ls}) == len(ls)
+
+
+# ---------------------------------------------------------------------- the D-dimensional mixture data set
+def _mixture(dim: int = 32, changes: dict | None = None) -> RunConfig:
+    return toy2d().override({("data", "name"): "mixture", ("data", "dim"): dim,
+                             ("loss", "reg", "residual_path"): "generic", **(changes or {})})
+
+
+def test_mixture_config_round_trips_and_sets_the_dimension():
+    c = _mixture(128, {("data", "components"): 7})
+    assert c.data.name is Dataset.MIXTURE and c.dim == 128 and c.data.shape == (128,)
+    assert RunConfig.from_json(c.to_json()) == c
+    assert RunConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    assert c.fingerprint() != _mixture(64, {("data", "components"): 7}).fingerprint()
+    assert c.fingerprint() != _mixture(128).fingerprint()
+    # the other data sets keep their shapes, and their fingerprints ignore the mixture's fields
+    assert (toy2d().dim, digits().data.shape, cifar10().dim) == (2, (1, 8, 8), 3 * 32 * 32)
+    assert toy2d().fingerprint() == "c161bc71b7"  # the README's main-job run folder
+    flags = {leaf.flag: leaf.path for leaf in leaves()}
+    assert flags["data-dim"] == ("data", "dim") and flags["components"] == ("data", "components")
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"data": {"name": "mixture", "dim": 0}}, r"data_dim must be an integer in \[1, 4096\]; got 0"),
+    ({"data": {"name": "mixture", "dim": 4097}}, r"data_dim must be an integer in \[1, 4096\]; got 4097"),
+    ({"data": {"name": "mixture", "dim": 2.5}}, r"data_dim must be an integer in \[1, 4096\]; got 2.5"),
+    ({"data": {"name": "mixture", "components": 0}}, r"components must be an integer in \[1, 64\]; got 0"),
+    ({"data": {"name": "mixture", "components": 65}}, r"components must be an integer in \[1, 64\]; got 65"),
+    ({"data": {"name": "gmm", "dim": 3}}, "data_dim and components apply to data mixture only"),
+    ({"data": {"name": "mixture", "dim": 16}}, r"residual_path jet supports data_dim <= 8 .* got data_dim 16"),
+])
+def test_bad_mixture_configurations_name_the_field(d, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_dict(d)
+
+
+def test_mixture_jet_limit_and_shape_questions():
+    assert RunConfig.from_dict({"data": {"name": "mixture", "dim": 8}}).loss.reg.residual_path.value == "jet"
+    assert _mixture(16, {("loss", "reg", "kind"): "none"}).dim == 16  # plain DSM has no residual path
+    with pytest.raises(ValueError, match="use DataConfig.shape"):
+        Dataset.MIXTURE.shape  # noqa: B018 — (2,) would be wrong for D != 2
