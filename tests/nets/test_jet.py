@@ -250,7 +250,7 @@ def test_cuda_matches_cpu():
 @pytest.mark.slow
 def test_train_step_benchmark_quick(tmp_path):
     """benchmarks/bench_train_step.py --quick runs, writes only --out, and the jet step allocates less."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_train_step.py"
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
