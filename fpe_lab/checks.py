@@ -7,7 +7,7 @@ import math
 
 import torch
 
-__all__ = ["check_time", "check_finite", "check_positive"]
+__all__ = ["check_time", "check_finite", "check_positive", "check_batch"]
 
 
 def _describe(v: torch.Tensor) -> str:
@@ -52,3 +52,15 @@ def check_positive(value: float, name: str) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite positive number; got {value!r}")
     return float(value)
+
+
+def check_batch(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """x must be a tensor of shape (b, ...) with b >= 1: an empty batch is a ValueError naming the shape.
+
+    A batch of zero samples has no per-sample result to return, and reductions over it (means,
+    maxima, RMS error norms) are undefined, so the math functions refuse it up front instead of
+    returning empty tensors or NaN. Shapes are static, so this also works inside ``torch.func`` transforms.
+    """
+    if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch: shape {tuple(x.shape)}; need b >= 1 samples along the first axis")
+    return x

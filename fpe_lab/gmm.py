@@ -9,6 +9,13 @@ x_t | x_0 ~ N(alpha(t) x_0, sigma(t)² I), the marginal stays a mixture:
 with C_k = alpha² Sigma_k + sigma² I. Everything is torch and differentiable in x and t, so ∂_t s,
 ∇·s and ∇(∇·s) of the exact score come from autograd; log-densities use logsumexp and
 triangular solves, so they stay finite far from the modes (|x| = 50) and for tiny t.
+
+**t = 0** is allowed everywhere and gives p_0 itself (alpha(0) = 1, sigma(0) = 0 exactly), which is
+also the limit t → 0⁺. The covariance is built from ``sde.marginal_var`` (alpha, sigma²), never from
+sigma: sigma(t) ~ sqrt(t) has an infinite t-derivative at 0 for VE and VP, and forming sigma² as
+sigma·sigma under forward-mode AD gave 0·inf = NaN for ∂_t s at t = 0 (so the score-FPE residual of the
+exact score was NaN there). sigma² is analytic in t, so ∂_t s and ∂_t log p at t = 0 are the correct
+one-sided limits. An empty batch x of shape (0, D) is a ``ValueError`` naming the shape.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from fpe_lab.checks import check_finite
+from fpe_lab.checks import check_batch, check_finite
 from fpe_lab.sde import LinearSDE
 from fpe_lab.shapes import batch_time
 
@@ -92,7 +99,8 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n samples of p_0, shape (n, D), in the mixture's dtype."""
+        """n samples of p_0, shape (n, D), in the mixture's dtype (n = 0 gives an empty (0, D) tensor:
+        a request for no samples, not an input batch)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a nonnegative int; got {n!r}")
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
@@ -102,13 +110,15 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ time
     def perturbed(self, sde: LinearSDE, t: float | torch.Tensor) -> GaussianMixture:
-        """The exact mixture p_t: means alpha mu_k, covariances alpha² Sigma_k + sigma² I (scalar t)."""
+        """The exact mixture p_t: means alpha mu_k, covariances alpha² Sigma_k + sigma² I (scalar t).
+
+        t = 0 is allowed and gives p_0 (the same weights, means and covariances)."""
         t = torch.as_tensor(t, dtype=self.means.dtype)
         if t.ndim != 0:
             raise ValueError(f"perturbed takes a scalar t; got shape {tuple(t.shape)}")
-        alpha, sigma = sde.marginal(t)
+        alpha, var = sde.marginal_var(t)
         eye = torch.eye(self.dim, dtype=self.means.dtype)
-        return GaussianMixture(self.weights, alpha * self.means, alpha**2 * self.covs + sigma**2 * eye)
+        return GaussianMixture(self.weights, alpha * self.means, alpha**2 * self.covs + var * eye)
 
     def _params(self, x: torch.Tensor, t, sde: LinearSDE | None):
         """Means (b|1, K, D) and covariances (b|1, K, D, D) of p_t (p_0 if t is None)."""
@@ -117,6 +127,7 @@ class GaussianMixture:
                              f"{getattr(x, 'dtype', '')}")
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (b, D) with D = {self.dim}; got shape {tuple(x.shape)}")
+        check_batch(x, "x")
         check_finite(x.detach(), "x")
         mu = self.means.to(x)
         cov = self.covs.to(x)
@@ -125,10 +136,11 @@ class GaussianMixture:
         if sde is None:
             raise ValueError("sde must be given together with t")
         t = batch_time(t, x)
-        alpha, sigma = sde.marginal(t)
+        # sigma², not sigma: smooth in t at t = 0, where sigma ~ sqrt(t) has an infinite derivative
+        alpha, var = sde.marginal_var(t)
         a = alpha[:, None, None]
         eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
-        return a * mu[None], a[..., None] ** 2 * cov[None] + sigma[:, None, None, None] ** 2 * eye
+        return a * mu[None], a[..., None] ** 2 * cov[None] + var[:, None, None, None] * eye
 
     def _component_terms(self, x: torch.Tensor, t, sde):
         """log w_k + log N_k(x), shape (b, K), and component scores −C_k⁻¹(x − m_k), shape (b, K, D)."""
@@ -143,16 +155,22 @@ class GaussianMixture:
         return torch.log(self.weights.to(x))[None] + log_n, comp_score
 
     def log_prob(self, x: torch.Tensor, t=None, sde: LinearSDE | None = None) -> torch.Tensor:
-        """log p_t(x) (log p_0 if t is None) for x of shape (b, D); returns (b,)."""
+        """log p_t(x) (log p_0 if t is None) for x of shape (b, D); returns (b,).
+
+        t in [0, 1]; t = 0 gives log p_0, and ∂_t log p there is the finite one-sided limit."""
         log_wn, _ = self._component_terms(x, t, sde)
         return torch.logsumexp(log_wn, dim=-1)
 
     def score(self, x: torch.Tensor, t=None, sde: LinearSDE | None = None) -> torch.Tensor:
-        """∇_x log p_t(x) = Σ_k r_k(x) (−C_k⁻¹(x − alpha mu_k)), shape (b, D)."""
+        """∇_x log p_t(x) = Σ_k r_k(x) (−C_k⁻¹(x − alpha mu_k)), shape (b, D).
+
+        t in [0, 1]; t = 0 gives ∇ log p_0, and ∂_t s there (forward-mode AD in t) is the finite
+        one-sided limit, so the score-FPE residual of this score is 0 at t = 0 too."""
         log_wn, comp_score = self._component_terms(x, t, sde)
         r = torch.softmax(log_wn, dim=-1)
         return (r.unsqueeze(-1) * comp_score).sum(-2)
 
     def score_fn(self, sde: LinearSDE):
-        """The exact score as a ``score_fn(x, t) -> s`` callable, interchangeable with a network."""
+        """The exact score as a ``score_fn(x, t) -> s`` callable, interchangeable with a network
+        (defined at t = 0, unlike a network score −n_θ/sigma(t); see :meth:`score`)."""
         return lambda x, t: self.score(x, t, sde)

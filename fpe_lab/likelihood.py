@@ -7,9 +7,18 @@ x_eps = x:
     log p_eps(x) = log p_T(x_T) + ∫_eps^T ∇·v(x_t, t) dt,     ∇·v = ∇·f − ½ g² ∇·s_θ,
 
 where p_T is the prior (``sde.prior_log_prob``; or any ``prior_log_prob`` passed in). The state
-[x_t, ∫∇·v] is integrated from eps to T by ``scipy.integrate.solve_ivp`` (RK45 by default,
-rtol = atol = 1e-5 as in Score SDE; the tolerances are recorded). The step-size control bounds an RMS
-norm over the whole batch, so one point's error is not bounded by the tolerances (REFERENCE.md §4).
+[x_t, ∫∇·v] of each point (one row per point) is integrated from eps to T by
+``scipy.integrate.solve_ivp`` (RK45 by default, rtol = atol = 1e-5 as in Score SDE; the tolerances
+are recorded) — the reference, whose step-size control bounds an RMS norm over the whole batch, so one
+point's error is not bounded by the tolerances (docs/conventions.md, "Likelihoods") — or, with ``method=ODEMethod.DOPRI5``,
+by the batched torch Dormand–Prince of :mod:`fpe_lab.ode`: the same 5(4) pair on the score's device and
+dtype, with each point's own error norm (over its x and its ∫∇·v) held below 1 at every step.
+
+**t = 0.** ``eps`` must be > 0 (ValueError otherwise): the ODE's right-hand side at t = 0 needs the data
+score and its divergence, which do not exist in general (data on a lattice or manifold have no
+density; a network score −n_θ/sigma(t) divides by sigma(0) = 0), and the DSM bound's integrand has
+terms ~1/sigma² whose Monte-Carlo variance is not integrable at 0. An empty batch (b = 0) is a
+ValueError naming the shape.
 
 ∇·s_θ is exact (``fpe_lab.fpe.ExactDivergence``, D reverse passes: 2-D data) or a Hutchinson estimate
 (``fpe_lab.fpe.Hutchinson``: images). A Hutchinson estimator is *frozen* for the solve: its probes
@@ -30,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from fpe_lab.checks import check_batch
 from fpe_lab.fpe import DivergenceEstimator, ExactDivergence, Hutchinson, Probe, ScoreFn
 from fpe_lab.sampling import ODEMethod, _check_time_window, integrate_ode, probability_flow_drift
 from fpe_lab.sde import LinearSDE
@@ -47,7 +57,8 @@ class FixedProbeHutchinson:
     """Hutchinson divergence with probes fixed in advance: (1/n) Σ_j v_jᵀ (∂s/∂x) v_j.
 
     probes: (n_probes, b, *dims), drawn once; reusing them at every t of an ODE solve makes the
-    estimated ∇·v a smooth function of t (one probe per solve is the Score SDE default).
+    estimated ∇·v a smooth function of t (one probe per solve is the Score SDE default). No t: it is
+    valid at any t where s is. b = 0 is a ValueError naming the shape.
     """
 
     probes: torch.Tensor
@@ -56,10 +67,12 @@ class FixedProbeHutchinson:
     def draw(cls, like: torch.Tensor, n_probes: int = 1, probe: Probe = Probe.RADEMACHER,
              generator: torch.Generator | None = None) -> FixedProbeHutchinson:
         """Probes for a batch shaped like ``like`` (b, *dims), from the same law as ``fpe.Hutchinson``."""
+        check_batch(like, "like")
         hutch = Hutchinson(n_probes=n_probes, probe=probe, generator=generator)
         return cls(torch.stack([hutch.sample_probe(like) for _ in range(n_probes)]))
 
     def __call__(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        check_batch(x, "x")
         if self.probes.shape[1:] != x.shape:
             raise ValueError(f"probes have shape {tuple(self.probes.shape[1:])} per draw; x has {tuple(x.shape)}")
         est = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
@@ -208,24 +221,27 @@ class NLLResult:
 
 def _nll_chunk(score_fn, sde, x, *, eps, t_end, divergence, prior_log_prob, method, rtol, atol, progress):
     b, shape = x.shape[0], x.shape
-    n_x = x.numel()
+    d = flat_dim(x)
     div = _freeze(divergence, x)
 
+    # the state is sample-major: row i = [x_i (D coordinates), ∫∇·v of point i], flattened; the scipy
+    # methods see a permutation of the old [all x, all ∫∇·v] layout (same RMS norm), DOPRI5 reads rows
     def rhs(y: torch.Tensor, t: float) -> torch.Tensor:
         with torch.enable_grad():
-            xt = y[:n_x].reshape(shape).detach().requires_grad_(True)
+            xt = y.reshape(b, d + 1)[:, :d].reshape(shape).detach().requires_grad_(True)
             tt = batch_time(t, xt)
             s = score_fn(xt, tt)
             half_g2 = 0.5 * sde.diffusion(tt) ** 2
             v = probability_flow_drift(lambda _x, _t: s, sde, xt, tt)
             div_v = sde.div_drift(xt, tt) - half_g2 * div(s, xt)
-        return torch.cat([v.detach().reshape(-1), div_v.detach()])
+        return torch.cat([v.detach().reshape(b, d), div_v.detach()[:, None]], dim=1).reshape(-1)
 
-    y0 = torch.cat([x.reshape(-1), torch.zeros(b, dtype=x.dtype, device=x.device)])
+    y0 = torch.cat([x.reshape(b, d), torch.zeros(b, 1, dtype=x.dtype, device=x.device)], dim=1).reshape(-1)
     res = integrate_ode(rhs, y0, (eps, t_end), method=method, rtol=rtol, atol=atol, progress=progress,
-                        desc="PF-ODE NLL")
-    x_T = res.y[:n_x].reshape(shape)
-    delta = res.y[n_x:]
+                        desc="PF-ODE NLL", batch=b)
+    rows = res.y.reshape(b, d + 1)
+    x_T = rows[:, :d].reshape(shape)
+    delta = rows[:, d]
     with torch.no_grad():
         prior = prior_log_prob(x_T).to(x.dtype)
     return x_T, delta, prior, res.nfe
@@ -256,18 +272,22 @@ def pf_ode_nll(
         x: (b, *dims) points; their dtype is the compute dtype (float64 for verification).
 
     Other arguments:
-        eps, t_end: the integration window [eps, t_end], 0 < eps < t_end <= 1.
+        eps, t_end: the integration window [eps, t_end], 0 < eps < t_end <= 1 (eps = 0 is a ValueError:
+            see the module docstring).
         divergence: ``ExactDivergence()`` (default) or ``Hutchinson(...)`` (probes frozen per solve,
             drawn from its generator) or any fixed ``(s, x) -> (b,)`` estimator.
         prior_log_prob: log p_T, default ``sde.prior_log_prob``; pass the exact log p_T to remove
             the prior mismatch (e.g. in tests).
-        method, rtol, atol: solve_ivp settings (recorded in ``settings``).
+        method, rtol, atol: the integrator and its tolerances (recorded in ``settings``): a scipy
+            ``ODEMethod`` (the reference, float64 on the host, RMS error over the batch) or
+            ``ODEMethod.DOPRI5`` (torch on x's device and dtype, error per point).
         dequantization: dequantize x first (``generator`` draws u) and add the bin-width offset.
         batch_size: solve in chunks of this many points (separate adaptive solves), default one solve.
         progress: tqdm bar over t with the NFE.
     """
     _check_time_window(eps, t_end)
-    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0 or not x.is_floating_point():
+    check_batch(x, "x")
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor of shape (b, *dims), b >= 1; got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if not torch.isfinite(x).all():
@@ -297,6 +317,7 @@ def pf_ode_nll(
              x.shape[0], nats.mean().item(), bits_per_dim(nats, d, offset).mean().item(), nfe)
     settings = {
         "method": method.value, "rtol": rtol, "atol": atol, "eps": eps, "t_end": t_end,
+        "error_control": "per point" if method is ODEMethod.DOPRI5 else "RMS over each solve's batch",
         "divergence": _describe(divergence), "dim": d, "offset_bits_per_dim": offset,
         "dequantization": repr(dequantization), "n_chunks": len(chunks),
     }
@@ -324,11 +345,15 @@ def dsm_nll_bound(
     bound on its (SDE) NLL in expectation. Returns nats and bits/dim per point (``nfe`` = score calls
     per point); as for the PF-ODE, nats = −(prior_log_prob + delta_log_p), here with
     delta_log_p = −(the time integral).
+
+    eps = 0 is a ValueError: near t = 0 the integrand's terms g²‖z/σ‖² and g² D/σ² grow like 1/σ² ~ 1/t;
+    they cancel in expectation, but the Monte-Carlo variance ~∫ dt/t² diverges. b = 0 is a ValueError.
     """
     if not isinstance(n_times, int) or n_times < 1:
         raise ValueError(f"n_times must be an int >= 1; got {n_times!r}")
     _check_time_window(eps, 1.0)
-    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] == 0 or not x.is_floating_point():
+    check_batch(x, "x")
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor of shape (b, *dims), b >= 1; got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     offset = 0.0

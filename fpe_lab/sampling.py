@@ -12,11 +12,22 @@ For the forward SDE dx = f(x, t) dt + g(t) dw with score s = ∇ log p_t:
 
       dx/dt = v(x, t) = f(x, t) − ½ g(t)² s(x, t),
 
-  integrated by ``scipy.integrate.solve_ivp`` (adaptive RK45 by default).
+  integrated by ``scipy.integrate.solve_ivp`` (adaptive RK45 by default, the reference) or, with
+  ``ODEMethod.DOPRI5``, by the batched torch Dormand–Prince of :mod:`fpe_lab.ode` on the score's device
+  and dtype, with per-sample error control.
 
 Every function takes ``score_fn(x, t) -> s`` with x of shape (b, *dims) and t of shape (b,), so the
 exact mixture score and a trained network are interchangeable, and the same code serves 2-D points
 and images. The samplers run under ``torch.no_grad()``: score_fn must not need autograd itself. The start x_T is passed in explicitly (``sde.prior_sample((b, *dims), generator)``).
+
+**t = 0.** The drifts (:func:`probability_flow_drift`, :func:`reverse_sde_drift`) and the corrector are
+pointwise and accept t = 0: they return f(x, 0) − c g(0)² s(x, 0), finite exactly when ``score_fn`` is
+finite there (the exact mixture score is; a network score −n_θ/sigma(t) is not, sigma(0) = 0). The
+samplers refuse ``eps = 0`` (ValueError): they evaluate the score at their final time (the PF-ODE's last
+stage, the corrector's last sweep), and the score of the data distribution has no limit at t = 0 in
+general (data on a lattice or a manifold have no density; a network divides by sigma(0) = 0), so they
+stop at eps > 0 as Score SDE does (1e-3 for sampling, 1e-5 for likelihoods). An empty batch (b = 0)
+is a ValueError naming the shape.
 
 :func:`integrate_ode` (the torch ↔ scipy bridge with NFE count and progress bar) is shared with
 :mod:`fpe_lab.likelihood`.
@@ -33,9 +44,11 @@ from typing import Callable
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
+from fpe_lab.checks import check_batch
 from fpe_lab.fpe import ScoreFn
+from fpe_lab.ode import dopri5
 from fpe_lab.sde import SDE
 from fpe_lab.shapes import append_dims, batch_time
 
@@ -55,11 +68,15 @@ log = logging.getLogger(__name__)
 
 
 class ODEMethod(enum.Enum):
-    """Integrators of ``scipy.integrate.solve_ivp`` (the value is scipy's name)."""
+    """ODE integrators: ``scipy.integrate.solve_ivp``'s (the value is scipy's name; the reference, in
+    float64 numpy on the host with one RMS error norm over the whole batch), and ``DOPRI5``, the batched
+    torch Dormand–Prince 5(4) of :func:`fpe_lab.ode.dopri5` (on the state's device and dtype, error
+    control per sample: every sample meets rtol/atol at every accepted step)."""
 
     RK45 = "RK45"  # Dormand–Prince 5(4), Score SDE's choice for likelihoods
     RK23 = "RK23"  # Bogacki–Shampine 3(2)
     DOP853 = "DOP853"  # Dormand–Prince 8(5,3), for tight tolerances
+    DOPRI5 = "dopri5"  # RK45's method in torch with per-sample error control (fpe_lab.ode)
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,13 @@ def _check_tolerances(rtol: float, atol: float, method: ODEMethod) -> None:
 def _check_time_window(eps: float, t_end: float) -> None:
     if not (isinstance(eps, (int, float)) and isinstance(t_end, (int, float))):
         raise ValueError(f"eps and t_end must be numbers; got eps={eps!r}, t_end={t_end!r}")
+    if eps == 0 or t_end == 0:
+        raise ValueError(
+            f"t = 0 is not allowed as eps or t_end (got eps={eps!r}, t_end={t_end!r}): the solvers evaluate "
+            "the score at their end time and the data score has no limit at t = 0 in general (a network "
+            "score −n/sigma(t) divides by sigma(0) = 0; data on a lattice or manifold have no density); "
+            "stop at eps > 0, e.g. 1e-5 for likelihoods, 1e-3 for sampling"
+        )
     if not (0 < eps < t_end <= 1):
         raise ValueError(f"need 0 < eps < t_end <= 1; got eps={eps!r}, t_end={t_end!r}")
 
@@ -95,18 +119,39 @@ def integrate_ode(
     atol: float = 1e-5,
     progress: bool = False,
     desc: str = "ODE",
+    batch: int | None = None,
 ) -> ODEResult:
     """Solve dy/dt = rhs(y, t) from t_span[0] to t_span[1] for a flat torch state y0 of shape (n,).
 
-    scipy integrates in float64; ``rhs`` receives y in y0's dtype/device and returns shape (n,).
-    The step-size control bounds the RMS over the *whole* state of err_i / (atol + rtol |y_i|), so
-    the error of one sample in a batch is not bounded by the tolerances (REFERENCE.md §4): use tight
-    tolerances where per-sample accuracy matters. Raises ``FloatingPointError`` when rhs produces a
-    non-finite value and ``RuntimeError`` when the solver fails.
+    ``rhs`` receives y in y0's dtype/device and a float t, and returns shape (n,). Any t_span inside the
+    caller's domain is fine (t = 0 included); the rhs decides whether it is defined there.
+
+    * scipy methods (RK45, RK23, DOP853, the reference) integrate in float64 numpy, copying y to and
+      from y0's device at every evaluation. The step-size control bounds the RMS over the *whole*
+      state of err_i / (atol + rtol |y_i|), so the error of one sample in a batch is not bounded by the
+      tolerances (see docs/conventions.md): use tight tolerances where per-sample accuracy matters.
+    * ``ODEMethod.DOPRI5`` (:func:`fpe_lab.ode.dopri5`) integrates on y0's device in y0's dtype. With
+      ``batch = b`` the flat state is read as b samples of n/b coordinates each, *sample-major*
+      (y0.reshape(b, −1) is one row per sample), and each sample's own RMS error is held below 1 at
+      every accepted step; with ``batch=None`` the whole state is one sample (scipy's norm).
+
+    Raises ``FloatingPointError`` when rhs produces a non-finite value, ``RuntimeError`` when the solver
+    fails and ``ValueError`` for an empty state (n = 0) or a ``batch`` that does not divide n.
     """
     _check_tolerances(rtol, atol, method)
+    check_batch(y0, "y0")
+    n = y0.numel()
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1 or n % batch):
+        raise ValueError(f"batch must be None or an int >= 1 dividing the state size {n}; got {batch!r}")
     t0, t1 = float(t_span[0]), float(t_span[1])
     dtype, device = y0.dtype, y0.device
+    if method is ODEMethod.DOPRI5:
+        rows = batch or 1
+        sol = dopri5(lambda y, t: rhs(y.reshape(-1), t).reshape(rows, -1), y0.detach().reshape(rows, -1),
+                     (t0, t1), rtol=rtol, atol=atol, progress=progress, desc=desc)
+        log.debug("%s: dopri5 from t=%g to %g in %d evaluations (%d accepted, %d rejected steps)",
+                  desc, t0, t1, sol.nfe, sol.n_accepted, sol.n_rejected)
+        return ODEResult(sol.y.reshape(-1), sol.nfe)
     nfe = 0
     done = 0.0
     bar = tqdm(total=abs(t1 - t0), desc=desc, unit="t", disable=not progress, leave=False,
@@ -137,19 +182,27 @@ def integrate_ode(
 
 
 def probability_flow_drift(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """v(x, t) = f(x, t) − ½ g(t)² s(x, t), shape of x (b, *dims); t of shape (b,)."""
+    """v(x, t) = f(x, t) − ½ g(t)² s(x, t), shape of x (b, *dims); t of shape (b,).
+
+    t = 0 is allowed: the value there, finite iff score_fn(x, 0) is (see the module docstring);
+    b = 0 is a ValueError naming the shape."""
+    check_batch(x, "x")
     half_g2 = append_dims(0.5 * sde.diffusion(t) ** 2, x.ndim)
     return sde.drift(x, t) - half_g2 * score_fn(x, t)
 
 
 def reverse_sde_drift(score_fn: ScoreFn, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """f(x, t) − g(t)² s(x, t), the drift of the reverse-time SDE (in forward time), shape of x."""
+    """f(x, t) − g(t)² s(x, t), the drift of the reverse-time SDE (in forward time), shape of x.
+
+    t = 0 is allowed (the value there, finite iff score_fn(x, 0) is); b = 0 is a ValueError."""
+    check_batch(x, "x")
     g2 = append_dims(sde.diffusion(t) ** 2, x.ndim)
     return sde.drift(x, t) - g2 * score_fn(x, t)
 
 
 def _check_start(x_T: torch.Tensor) -> None:
-    if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2 or x_T.shape[0] == 0 or not x_T.is_floating_point():
+    check_batch(x_T, "x_T")
+    if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2 or not x_T.is_floating_point():
         raise ValueError(
             f"x_T must be a floating tensor of shape (b, *dims) with b >= 1; got "
             f"{tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__}"
@@ -180,6 +233,8 @@ class LangevinCorrector:
 
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
+        """n_steps Langevin steps at t (t = 0 allowed where score_fn is finite); b = 0 is a ValueError."""
+        check_batch(x, "x")
         for _ in range(self.n_steps):
             s = score_fn(x, t)
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -210,7 +265,8 @@ def reverse_sde_sample(
         x_{i+1} = x_i − [f(x_i, t_i) − g(t_i)² s(x_i, t_i)] h + g(t_i) sqrt(h) z_i,   z_i ~ N(0, I),
 
     (weak order 1 in h), then ``corrector`` at t_{i+1} if given. Noise is added at every step, so the
-    result is distributed as p_eps (not denoised). x_T: (b, *dims); returns the same shape and dtype.
+    result is distributed as p_eps (not denoised). x_T: (b, *dims), b >= 1; returns the same shape and
+    dtype. eps = 0 is a ValueError (module docstring: the corrector would evaluate the score at t = 0).
     """
     _check_start(x_T)
     _check_time_window(eps, t_end)
@@ -253,8 +309,11 @@ def pf_ode_sample(
 ) -> PFODESamples:
     """Integrate the probability-flow ODE dx/dt = f − ½g² s backwards from x_T at t_end to t = eps.
 
-    Deterministic given x_T; the samples are distributed as p_eps up to the solver error (which is
-    controlled in RMS over the whole batch, see :func:`integrate_ode`). x_T: (b, *dims).
+    Deterministic given x_T; the samples are distributed as p_eps up to the solver error. ``method``:
+    a scipy method (the reference; error controlled in RMS over the whole batch, see
+    :func:`integrate_ode`) or ``ODEMethod.DOPRI5`` (torch, on x_T's device and dtype, error controlled
+    per sample). x_T: (b, *dims), b >= 1. eps = 0 is a ValueError (module docstring: the last stage
+    evaluates the score at t = eps).
     """
     _check_start(x_T)
     _check_time_window(eps, t_end)
@@ -265,5 +324,5 @@ def pf_ode_sample(
         return probability_flow_drift(score_fn, sde, x, batch_time(t, x)).reshape(-1)
 
     res = integrate_ode(rhs, x_T.reshape(-1), (t_end, eps), method=method, rtol=rtol, atol=atol,
-                        progress=progress, desc="PF-ODE sample")
+                        progress=progress, desc="PF-ODE sample", batch=shape[0])
     return PFODESamples(res.y.reshape(shape), res.nfe)

@@ -6,6 +6,7 @@ An SDE object exposes what the score Fokker-Planck equation needs:
 * ``diffusion(t)``      g(t), shape (b,);
 * ``div_drift(x, t)``   ∇·f(x, t), shape (b,);
 * ``marginal(t)``       (alpha(t), sigma(t)) with x_t | x_0 ~ N(alpha x_0, sigma² I);
+* ``marginal_var(t)``   (alpha(t), sigma(t)²), smooth in t up to and including t = 0;
 * ``prior_sample`` / ``prior_log_prob`` for the reference density at t = 1;
 * ``str(sde)``          the equation with its coefficients.
 
@@ -13,6 +14,16 @@ The three SDEs here have linear drift f(x, t) = a(t) x, so their transition kern
 ``marginal`` is the *exact* transition of the SDE started at the data at t = 0 (sigma(0) = 0). For VE
 this differs from Score SDE, which perturbs with sigma_min (sigma_max/sigma_min)^t, i.e. treats the
 data as already blurred by sigma_min.
+
+**t = 0 and empty batches.** Every method here is defined at t = 0 and returns the value there, which is
+also the limit t → 0⁺: f(x, 0), g(0), ∇·f(x, 0) and (alpha(0), sigma(0)) = (1, 0) exactly (the
+marginal is the data itself). What does *not* exist at t = 0 is the t-derivative of sigma for VE and VP
+(sigma(t) ~ sqrt(c t)) and of g for sub-VP (g(t) ~ beta_min sqrt(2 t)): differentiating ``marginal(t)[1]``
+in t there gives inf, and sigma² built as ``sigma ** 2`` gives 0·inf = NaN. Code that differentiates
+the transition in t (the exact mixture score under ``torch.func.jvp``) must use ``marginal_var``, whose
+sigma² is an analytic function of t (VE: sigma_min² expm1(2 t ln(sigma_max/sigma_min)), VP:
+−expm1(−B(t)), sub-VP: expm1(−B(t))²). An empty batch (x or t of shape (0, ...)) is a ``ValueError``
+naming the shape.
 """
 
 from __future__ import annotations
@@ -23,14 +34,15 @@ from dataclasses import dataclass
 
 import torch
 
-from fpe_lab.checks import check_positive, check_time
+from fpe_lab.checks import check_batch, check_positive, check_time
 from fpe_lab.shapes import append_dims, flat_dim
 
 __all__ = ["SDE", "LinearSDE", "VESDE", "VPSDE", "SubVPSDE"]
 
 
 def _time(t: torch.Tensor | float) -> torch.Tensor:
-    t = check_time(t)
+    """t in [0, 1] (t = 0 included) as a floating tensor; a scalar or shape (b,) with b >= 1."""
+    t = check_batch(check_time(t), "t")
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
@@ -39,15 +51,17 @@ class SDE(abc.ABC):
 
     @abc.abstractmethod
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """f(x, t) for x of shape (b, *dims) and t of shape (b,); returns shape (b, *dims)."""
+        """f(x, t) for x of shape (b, *dims) and t of shape (b,); returns shape (b, *dims).
+
+        t = 0 is allowed (the value there); b = 0 is a ValueError."""
 
     @abc.abstractmethod
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
-        """g(t), same shape as t."""
+        """g(t), same shape as t; t = 0 is allowed (the value there)."""
 
     @abc.abstractmethod
     def div_drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """∇·f(x, t) = Σ_i ∂f_i/∂x_i, shape (b,)."""
+        """∇·f(x, t) = Σ_i ∂f_i/∂x_i, shape (b,); t = 0 is allowed (the value there)."""
 
 
 class LinearSDE(SDE):
@@ -59,20 +73,39 @@ class LinearSDE(SDE):
 
     @abc.abstractmethod
     def drift_coef(self, t: torch.Tensor) -> torch.Tensor:
-        """a(t) in f(x, t) = a(t) x, same shape as t."""
+        """a(t) in f(x, t) = a(t) x, same shape as t; t = 0 is allowed (the value there)."""
 
     @abc.abstractmethod
     def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha(t), sigma(t)), each the shape of t: x_t | x_0 ~ N(alpha x_0, sigma² I)."""
+        """(alpha(t), sigma(t)), each the shape of t: x_t | x_0 ~ N(alpha x_0, sigma² I).
+
+        t = 0 is allowed and gives exactly (1, 0), the limit t → 0⁺. sigma is not differentiable in t at
+        t = 0 for VE and VP (sigma ~ sqrt(t)): differentiate :meth:`marginal_var` instead.
+        """
+
+    def marginal_var(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)²), each the shape of t, with sigma² computed without a square root.
+
+        The same transition as :meth:`marginal`, in the form to differentiate in t: sigma² is smooth
+        on [0, 1] including t = 0, where (alpha, sigma²) = (1, 0) and d sigma²/dt = g(0)² (the moment
+        ODE with sigma = 0), while d sigma/dt is infinite for VE and VP. This default squares
+        ``marginal``'s sigma (right for any SDE whose sigma is smooth); VE and VP override it.
+        """
+        alpha, sigma = self.marginal(t)
+        return alpha, sigma**2
 
     @abc.abstractmethod
     def prior_std(self) -> float:
         """Standard deviation of the isotropic Gaussian prior at t = 1."""
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """a(t) x, shape of x (b, *dims); t = 0 allowed; b = 0 is a ValueError naming the shape."""
+        check_batch(x, "x")
         return append_dims(self.drift_coef(t), x.ndim) * x
 
     def div_drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """a(t) D, shape (b,); t = 0 allowed; b = 0 is a ValueError naming the shape."""
+        check_batch(x, "x")
         a = self.drift_coef(t)
         return (a * flat_dim(x)).expand(x.shape[:1]) if a.ndim == 0 else a * flat_dim(x)
 
@@ -83,12 +116,17 @@ class LinearSDE(SDE):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Samples of N(0, prior_std² I) of shape (b, *dims)."""
+        """Samples of N(0, prior_std² I) of shape (b, *dims) (no t: the prior is the law at t = 1).
+
+        b = 0 is allowed here, as in ``GaussianMixture.sample(0)``: it is a request for no samples, not
+        an input batch, and returns an empty tensor.
+        """
         z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         return self.prior_std() * z
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log N(x; 0, prior_std² I) summed over all but the batch axis, shape (b,)."""
+        """log N(x; 0, prior_std² I) summed over all but the batch axis, shape (b,); b = 0 is a ValueError."""
+        check_batch(x, "x")
         var = self.prior_std() ** 2
         d = flat_dim(x)
         sq = x.reshape(x.shape[0], -1).pow(2).sum(-1)
@@ -130,6 +168,11 @@ class VESDE(LinearSDE):
         t = _time(t)
         sigma = self.sigma_min * torch.sqrt(torch.expm1(2 * t * self._log_ratio))
         return torch.ones_like(t), sigma
+
+    def marginal_var(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, sigma_min² expm1(2 t ln(sigma_max/sigma_min))): analytic in t, d sigma²/dt(0) = g(0)²."""
+        t = _time(t)
+        return torch.ones_like(t), self.sigma_min**2 * torch.expm1(2 * t * self._log_ratio)
 
     def prior_std(self) -> float:
         return self.sigma_min * math.sqrt(math.expm1(2 * self._log_ratio))
@@ -188,6 +231,11 @@ class VPSDE(_BetaSchedule, LinearSDE):
         b = self.int_beta(_time(t))
         return torch.exp(-0.5 * b), torch.sqrt(-torch.expm1(-b))
 
+    def marginal_var(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(exp(−B/2), −expm1(−B)): analytic in t, d sigma²/dt(0) = beta_min = g(0)²."""
+        b = self.int_beta(_time(t))
+        return torch.exp(-0.5 * b), -torch.expm1(-b)
+
     def __str__(self) -> str:
         return (
             f"VP SDE: dx = −½ beta(t) x dt + sqrt(beta(t)) dw,  {self._schedule()};  "
@@ -203,10 +251,12 @@ class SubVPSDE(_BetaSchedule, LinearSDE):
     """
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        """g(0) = 0 exactly; g ~ beta_min sqrt(2 t) is not differentiable in t at 0 (g² is)."""
         t = _time(t)
         return torch.sqrt(self.beta(t) * -torch.expm1(-2 * self.int_beta(t)))
 
     def marginal(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sigma = 1 − exp(−B) is smooth at t = 0 here (sigma ~ beta_min t), unlike VE and VP."""
         b = self.int_beta(_time(t))
         return torch.exp(-0.5 * b), -torch.expm1(-b)
 

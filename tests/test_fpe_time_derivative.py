@@ -105,3 +105,69 @@ def test_bad_finite_difference_settings(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         FiniteDifferenceDt(**kwargs)
+
+
+def _dt(score_fn, x, t):
+    """Exact ∂_t s by one forward-mode JVP."""
+    return torch.func.jvp(lambda u: score_fn(x, u), (t,), (torch.ones_like(t),))[1]
+
+
+def _dtt(score_fn, x, t):
+    """Exact ∂²_t s by forward-over-forward (the mixture is analytic in t on [0, 1] via sigma²)."""
+    return torch.func.jvp(lambda u: _dt(score_fn, x, u), (t,), (torch.ones_like(t),))[1]
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=["VE", "VP", "subVP"])
+@pytest.mark.parametrize("where", ["eps", "eps+h/4", "1-h/3", "1"])
+def test_finite_difference_dt_value_at_the_clipped_ends(sde, where):
+    """The *value* of the clipped stencil at and near the ends, against the exact ∂_t s of a mixture.
+
+    With h = 1e-3, eps = 1e-5 the stencil is (s(hi) − s(lo)) / (hi − lo), lo = max(t − h, eps),
+    hi = min(t + h, 1): at t = eps a forward difference (lo = t), at t = 1 a backward one (hi = t),
+    close to the ends an asymmetric one. Taylor's theorem with t's neighbours gives
+
+        FD − ∂_t s = ((hi − t) − (t − lo))/2 · ∂²_t s(t) + O(h²),               (first order, not second)
+        |FD − ∂_t s| ≤ ((hi − t)² + (t − lo)²) / (2 (hi − lo)) · max_[lo, hi] |∂²_t s|,
+
+    both with the exact ∂²_t s (forward-over-forward AD). Tolerances: the bound holds exactly; its max is
+    taken over 9 points of [lo, hi], hence 5% slack (∂²_t s varies by < 1% across a 1e-3 stencil here).
+    The leading term predicts the error to O(h)·|∂³_t s/∂²_t s| relative: measured ≤ 7e-3 at h = 1e-3, so
+    2%. At t = eps and t = 1 halving h halves the error (first order: ratio 2 ± 5%; a central stencil
+    would give 4).
+    Measured at t = eps for VP: |FD − ∂_t s| = 1.26 against |∂_t s| up to 12.7 — 10% error, so the clipped
+    stencil near t = 0 is much less accurate than its O(h²) interior.
+    """
+    eps = 1e-5
+    x = _points()
+    score_fn = MIX.score_fn(sde)
+
+    def stencil(h):
+        t0 = {"eps": eps, "eps+h/4": eps + h / 4, "1-h/3": 1 - h / 3, "1": 1.0}[where]
+        seen = []
+
+        def recording(xx, tt):
+            seen.append(float(tt[0]))
+            return score_fn(xx, tt)
+
+        t = torch.full((x.shape[0],), t0, dtype=torch.float64)
+        _, approx = FiniteDifferenceDt(h=h, eps=eps)(recording, x, t)
+        lo, hi = max(t0 - h, eps), min(t0 + h, 1.0)
+        assert seen[1:] == pytest.approx([hi, lo], rel=0, abs=1e-15)  # the clipped stencil, as documented
+        return t0, t, lo, hi, approx
+
+    h = 1e-3
+    t0, t, lo, hi, approx = stencil(h)
+    exact = _dt(score_fn, x, t)
+    err = approx - exact
+    taus = torch.linspace(lo, hi, 9, dtype=torch.float64)
+    max_dtt = max(_dtt(score_fn, x, torch.full_like(t, float(tau))).abs().max().item() for tau in taus)
+    bound = ((hi - t0) ** 2 + (t0 - lo) ** 2) / (2 * (hi - lo)) * max_dtt
+    assert err.abs().max().item() <= 1.05 * bound
+    lead = (hi + lo - 2 * t0) / 2 * _dtt(score_fn, x, t)
+    assert lead.norm() > 0  # one-sided or asymmetric: a nonzero first-order term
+    assert (err - lead).norm() <= 0.02 * lead.norm()
+    if where in ("eps", "1"):  # purely one-sided at the same t for every h: the error is ∝ h
+        _, _, _, _, approx_half = stencil(h / 2)
+        ratio = err.norm() / (approx_half - exact).norm()
+        assert 1.9 < ratio < 2.1, ratio

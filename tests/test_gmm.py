@@ -198,3 +198,67 @@ def test_bad_call_raises():
         gmm.sample(-1)
     with pytest.raises(ValueError, match="perturbed takes a scalar t"):
         gmm.perturbed(VPSDE(), [0.1, 0.2])
+
+
+# ---------------------------------------------------------------------------------------------- t = 0
+@pytest.mark.analytic
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_time_derivative_at_t0_is_the_limit_of_sympy_from_above(sde, kind, params):
+    """∂_t s at t = 0 (forward-mode AD through sigma², not sigma) is finite and is the t → 0⁺ limit of the
+    sympy ∂_t s: the gap to sympy at t = 1e-7 and 1e-8 shrinks 10× per decade (first order in t,
+    ∂²_t s bounded) — before the fix it was NaN for VE and VP."""
+    from fpe_lab.fpe import ForwardModeDt
+
+    w, means, covs, rng = random_mixture(5, 3, 2)
+    gmm = GaussianMixture(w, means, covs)
+    x = means[rng.integers(0, 3, 16)] + 1.5 * rng.normal(size=(16, 2))
+    _, dt_s0 = ForwardModeDt()(gmm.score_fn(sde), torch.tensor(x), torch.zeros(16, dtype=torch.float64))
+    assert torch.isfinite(dt_s0).all()
+    gaps = []
+    for t in (1e-7, 1e-8):
+        ref = gmm_terms.mixture_terms(kind, params, w, means, covs, x, t)["dt_s"]
+        gaps.append(np.abs(dt_s0.numpy() - ref).max())
+    scale = np.abs(ref).max()
+    # measured gaps at 1e-8: 1e-8 (VE) to 7e-6 (VP) absolute, ~t·|∂²_t s|; ratio 10.0 for all three
+    assert gaps[1] < 1e-5 * scale, gaps
+    assert 9 < gaps[0] / gaps[1] < 11, gaps
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_exact_score_fpe_residual_vanishes_at_t0(sde, kind, params):
+    """Was NaN for VE and VP (sigma ~ sqrt(t) differentiated at 0); now 0 up to float64 round-off."""
+    from fpe_lab.fpe import log_density_fpe_residual, score_fpe_residual, score_fpe_terms
+
+    w, means, covs, rng = random_mixture(5, 3, 2)
+    gmm = GaussianMixture(w, means, covs)
+    x = torch.tensor(means[rng.integers(0, 3, 32)] + 1.5 * rng.normal(size=(32, 2)))
+    terms = score_fpe_terms(gmm.score_fn(sde), sde, x, 0.0)
+    r = score_fpe_residual(gmm.score_fn(sde), sde, x, 0.0)
+    assert torch.isfinite(terms.dt_s).all() and torch.isfinite(r).all()
+    torch.testing.assert_close(r, terms.residual, rtol=0, atol=1e-12)
+    # the terms are O(1..10) and do not vanish individually; their sum does, to round-off
+    # (measured |R| ≤ 2e-15 with max scale 6): 1e-12 relative is ~1e4 ulps of headroom
+    assert terms.dt_s.abs().max() > 1e-2
+    assert (r.norm(dim=-1) / terms.scale).max() < 1e-12
+    # the same for the log-density FPE
+    lr = log_density_fpe_residual(lambda y, t: gmm.log_prob(y, t, sde), sde, x, 0.0)
+    assert lr.abs().max() < 1e-12 * (1 + terms.scale.max())
+
+
+@pytest.mark.parametrize(("sde", "kind", "params"), SDES, ids=SDE_IDS)
+def test_perturbed_at_t0_is_the_data_mixture(sde, kind, params):
+    w, means, covs, _ = random_mixture(6, 2, 2)
+    gmm = GaussianMixture(w, means, covs)
+    p0 = gmm.perturbed(sde, 0.0)
+    assert torch.equal(p0.means, gmm.means) and torch.equal(p0.covs, gmm.covs)
+
+
+def test_empty_batch_is_an_error_naming_the_shape():
+    gmm = GaussianMixture(**GOOD)
+    empty = torch.zeros(0, 2, dtype=torch.float64)
+    for call in (lambda: gmm.score(empty), lambda: gmm.log_prob(empty), lambda: gmm.score(empty, 0.5, VPSDE()),
+                 lambda: gmm.score_fn(VESDE())(empty, torch.zeros(0, dtype=torch.float64))):
+        with pytest.raises(ValueError, match=r"x is an empty batch: shape \(0, 2\)"):
+            call()
+    assert gmm.sample(0).shape == (0, 2)  # no samples requested: not an input batch

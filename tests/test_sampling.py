@@ -151,3 +151,71 @@ def test_diverging_score_raises_instead_of_returning_nan():
         reverse_sde_sample(lambda x, t: x * float("inf"), sde, torch.ones(4, 2), n_steps=3)
     with pytest.raises(FloatingPointError):
         pf_ode_sample(lambda x, t: x * float("nan"), sde, torch.ones(4, 2))
+
+
+# ---------------------------------------------------------------- the torch DOPRI5 path (fpe_lab.ode)
+@pytest.fixture
+def one_thread():
+    """Hundreds of evaluations on ~10² points: intra-op threads only add synchronisation."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.analytic
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_dopri5_samples_agree_with_scipy_and_the_closed_form(sde):
+    """The exact flow of N(0, s0² I) (a rescaling) and scipy's RK45 on a mixture, at tight tolerance."""
+    s0 = 0.6
+
+    def var(t, like):
+        alpha, sigma = sde.marginal(torch.as_tensor(t, dtype=like.dtype))
+        return alpha**2 * s0**2 + sigma**2
+
+    score = lambda x, t: -x / append_dims(var(t, x), x.ndim)  # noqa: E731
+    x_T = torch.randn(16, 3, 2, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = pf_ode_sample(score, sde, x_T, eps=EPS, rtol=1e-9, atol=1e-9, method=ODEMethod.DOPRI5)
+    expected = x_T * torch.sqrt(var(EPS, x_T) / var(1.0, x_T))
+    # per-sample control at 1e-9, |x| ~ 1: 1e-6 leaves 1e3 × tol for accumulation (as the DOP853 test)
+    torch.testing.assert_close(out.x, expected, rtol=0, atol=1e-6)
+
+    mix = mixture()
+    x_T = sde.prior_sample((64, 2), torch.Generator().manual_seed(8), torch.float64)
+    ours = pf_ode_sample(mix.score_fn(sde), sde, x_T, eps=EPS, rtol=1e-9, atol=1e-9, method=ODEMethod.DOPRI5)
+    ref = pf_ode_sample(mix.score_fn(sde), sde, x_T, eps=EPS, rtol=1e-9, atol=1e-9, method=ODEMethod.RK45)
+    # both near the exact flow to ~1e-8 (x ~ 1); 1e-6 as above
+    torch.testing.assert_close(ours.x, ref.x, rtol=0, atol=1e-6)
+    assert ours.nfe > 0 and ours.x.dtype == torch.float64
+
+
+def test_drifts_at_t0_and_refusals():
+    sde, mix = VPSDE(), mixture()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t0 = torch.zeros(5, dtype=torch.float64)
+    from fpe_lab.sampling import probability_flow_drift, reverse_sde_drift
+
+    # t = 0 is allowed where the score is: the exact mixture score gives f − ½g(0)² ∇log p_0
+    expected = sde.drift(x, t0) - 0.5 * 0.1 * mix.score(x)
+    torch.testing.assert_close(probability_flow_drift(mix.score_fn(sde), sde, x, t0), expected, rtol=1e-14, atol=0)
+    assert torch.isfinite(reverse_sde_drift(mix.score_fn(sde), sde, x, t0)).all()
+    with pytest.raises(ValueError, match="t = 0 is not allowed"):
+        pf_ode_sample(mix.score_fn(sde), sde, x, eps=0.0)
+    with pytest.raises(ValueError, match="t = 0 is not allowed"):
+        reverse_sde_sample(mix.score_fn(sde), sde, x, eps=0.0)
+    empty = torch.zeros(0, 2, dtype=torch.float64)
+    for call in (lambda: pf_ode_sample(mix.score_fn(sde), sde, empty),
+                 lambda: pf_ode_sample(mix.score_fn(sde), sde, empty, method=ODEMethod.DOPRI5),
+                 lambda: reverse_sde_sample(mix.score_fn(sde), sde, empty),
+                 lambda: probability_flow_drift(mix.score_fn(sde), sde, empty, 0.5),
+                 lambda: reverse_sde_drift(mix.score_fn(sde), sde, empty, torch.zeros(0, dtype=torch.float64)),
+                 lambda: LangevinCorrector()(mix.score_fn(sde), empty, torch.zeros(0), None)):
+        with pytest.raises(ValueError, match=r"empty batch: shape \(0, 2\)"):
+            call()
+
+
+def test_dopri5_non_finite_score_raises():
+    sde = VPSDE()
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        pf_ode_sample(lambda x, t: x * float("nan"), sde, torch.ones(4, 2), method=ODEMethod.DOPRI5)

@@ -126,3 +126,67 @@ def test_bad_input_raises():
         SubVPSDE(beta_min=5.0, beta_max=1.0)
     with pytest.raises(ValueError, match="beta_max must be a finite positive number"):
         VPSDE(beta_max=True)
+
+
+# ---------------------------------------------------------------------------------------------- t = 0
+@pytest.mark.analytic
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_every_method_is_defined_at_t0_with_the_limit_value(sde):
+    """t = 0 is the data itself: alpha = 1, sigma = 0 exactly; f, g, ∇·f take their (finite) values there."""
+    t0 = torch.zeros(3, dtype=torch.float64)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    alpha, sigma = sde.marginal(t0)
+    assert torch.equal(alpha, torch.ones(3, dtype=torch.float64)) and torch.equal(sigma, torch.zeros_like(sigma))
+    alpha_v, var = sde.marginal_var(t0)
+    assert torch.equal(alpha_v, alpha) and torch.equal(var, torch.zeros_like(var))
+    g0 = {VESDE: 0.01 * math.sqrt(2 * math.log(5000.0)), VPSDE: math.sqrt(0.1), SubVPSDE: 0.0}[type(sde)]
+    torch.testing.assert_close(sde.diffusion(t0), torch.full((3,), g0, dtype=torch.float64), rtol=1e-14, atol=0)
+    a0 = 0.0 if isinstance(sde, VESDE) else -0.05
+    torch.testing.assert_close(sde.drift(x, t0), a0 * x, rtol=1e-14, atol=0)
+    torch.testing.assert_close(sde.div_drift(x, t0), torch.full((3,), 2 * a0, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+@pytest.mark.analytic
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_marginal_var_is_sigma_squared_and_smooth_at_t0(sde):
+    t = torch.linspace(0.0, 1.0, 41, dtype=torch.float64)
+    alpha, sigma = sde.marginal(t)
+    alpha_v, var = sde.marginal_var(t)
+    torch.testing.assert_close(alpha_v, alpha, rtol=1e-14, atol=0)
+    torch.testing.assert_close(var, sigma**2, rtol=1e-12, atol=1e-300)  # float64 round-off of sqrt/square
+    # d sigma²/dt at t = 0 from the moment ODE d sigma²/dt = 2 a sigma² + g², sigma(0) = 0: exactly g(0)²
+    z = torch.zeros(1, dtype=torch.float64)
+    _, dvar = torch.func.jvp(lambda tt: sde.marginal_var(tt)[1], (z,), (torch.ones_like(z),))
+    torch.testing.assert_close(dvar, sde.diffusion(z) ** 2, rtol=1e-12, atol=1e-15)
+    # ... and at interior t, against the same ODE (2 a sigma² + g²)
+    ti = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    _, dvar_i = torch.func.jvp(lambda tt: sde.marginal_var(tt)[1], (ti,), (torch.ones_like(ti),))
+    ode = 2 * sde.drift_coef(ti) * sde.marginal_var(ti)[1] + sde.diffusion(ti) ** 2
+    torch.testing.assert_close(dvar_i, ode, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=["VE", "VP"])
+def test_sigma_itself_has_no_derivative_at_t0(sde):
+    """Why marginal_var exists: sigma ~ sqrt(c t) has d sigma/dt = inf at t = 0, and sigma² formed from it
+    under forward-mode AD is 0·inf = NaN (the root cause of the NaN score-FPE residual at t = 0)."""
+    z = torch.zeros(1, dtype=torch.float64)
+    _, dsigma = torch.func.jvp(lambda tt: sde.marginal(tt)[1], (z,), (torch.ones_like(z),))
+    assert torch.isinf(dsigma).all()
+    _, dsq = torch.func.jvp(lambda tt: sde.marginal(tt)[1] ** 2, (z,), (torch.ones_like(z),))
+    assert torch.isnan(dsq).all()
+
+
+@pytest.mark.parametrize("sde", SDES, ids=IDS)
+def test_empty_batch_is_an_error_naming_the_shape(sde):
+    x0 = torch.zeros(0, 2, dtype=torch.float64)
+    t0 = torch.zeros(0, dtype=torch.float64)
+    calls = [
+        lambda: sde.drift(x0, t0), lambda: sde.drift(x0, 0.5), lambda: sde.div_drift(x0, 0.5),
+        lambda: sde.diffusion(t0), lambda: sde.marginal(t0), lambda: sde.marginal_var(t0),
+        lambda: sde.drift_coef(t0), lambda: sde.prior_log_prob(x0),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"empty batch: shape \(0(, 2)?,?\)"):
+            call()
+    # a request for zero prior samples is not an input batch: an empty tensor, like GaussianMixture.sample(0)
+    assert sde.prior_sample((0, 2)).shape == (0, 2)
