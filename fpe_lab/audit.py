@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, ScoreFPETerms, eval_mode, jacobian_asymmetry_sq, score_fpe_terms
 from fpe_lab.sde import LinearSDE

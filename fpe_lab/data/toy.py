@@ -58,7 +58,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth.grid import Grid

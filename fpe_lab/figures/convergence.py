@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.style import COLUMN_WIDTH, FLOOR_COLOR, TRUTH_COLOR, new_figure, paper_style

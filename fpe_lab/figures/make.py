@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.figures import convergence, curl, density, residual, score_error, score_fields, tradeoff
 from fpe_lab.figures.output import staged_output

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg.lapack import dgtsv
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.diagnostics import SolverBreakdown
 from fpe_lab.groundtruth.grid import Grid

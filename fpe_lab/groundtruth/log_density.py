@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dgtsv
 from scipy.special import logsumexp
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.diagnostics import ResolutionWarning, SolverBreakdown
 from fpe_lab.groundtruth.finite_volume import diffusion_squared, step_times

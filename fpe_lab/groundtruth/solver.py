@@ -31,7 +31,7 @@ import warnings
 
 import numpy as np
 from scipy.special import logsumexp
-from tqdm.auto import tqdm
+from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
 from fpe_lab.groundtruth.diagnostics import (
