@@ -28,5 +28,9 @@ class ScoreModel(nn.Module):
         self.sde = sde
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s_θ(x, t); t = 0 is a ValueError: sigma(0) = 0, and −n/sigma has no limit for a network n."""
         _, sigma = self.sde.marginal(t)
+        if not bool((sigma > 0).all()):
+            raise ValueError("ScoreModel: t = 0 gives sigma(0) = 0, where the network score −n/sigma is undefined; "
+                             "evaluate at t >= eps")
         return -self.net(x, t) / append_dims(sigma, x.ndim)

@@ -237,3 +237,4 @@ def test_cuda_training_checkpoints_and_resumes(tmp_path):
     assert state["step"] == 6 and state["rng"]["noise"].device.type == "cpu"
     resumed = train(_model(seed=5), _loss(), _sampler, opts, device="cuda", run_dir=tmp_path, resume=True)
     assert resumed.step == 6 and resumed.resumed_from == 6
+
