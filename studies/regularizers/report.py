@@ -138,14 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         fig.tight_layout(rect=(0, 0.1, 1, 1))
         _save(fig, stem)
 
-    fig = Figure(figsize=(3.6 * len(names), 6.0))
-    axes = fig.subplots(2, len(names), squeeze=False)
+    cols = min(4, len(names))
+    blocks = (len(names) + cols - 1) // cols
+    fig = Figure(figsize=(3.6 * cols, 5.6 * blocks + 0.6))
+    grid = fig.subplots(2 * blocks, cols, squeeze=False)
+    for ax in grid.flat:
+        ax.set_visible(False)
     for k, name in enumerate(names):
+        axes = [[grid[2 * (k // cols) + i][k % cols]] for i in range(2)]
+        axes = {0: {0: axes[0][0]}, 1: {0: axes[1][0]}}
         rows = tradeoff[name]
         g2 = sorted((float(r["arm"].split("lam=")[1]), r) for r in rows if "fpe_weighting=g2" in r["arm"])
         ref = {r["arm"]: r for r in rows}
         for i, (metric, label) in enumerate((("nll_gap_nats", "NLL gap (nats)"), ("fpe_residual_rel", "residual, rel."))):
-            ax = axes[i][k]
+            ax = axes[i][0]
+            ax.set_visible(True)
             ax.semilogx([lam for lam, _ in g2], [r[f"{metric}_mean"] for _, r in g2], marker="o", label="FPE, w = g²")
             for arm, color, ls in (("reg=none", "k", "--"), ("reg=fpe fpe_weighting=normalized lam=0.1", "C1", ":")):
                 if arm in ref:
@@ -155,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_yscale("log")
             if i == 0:
                 ax.set_title(name.replace("_", ", "), fontsize=9)
-    h, lab = axes[0][0].get_legend_handles_labels()
+    h, lab = grid[0][0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=3, fontsize=7)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     _save(fig, "lambda_tradeoff")
     sys.stderr.write(f"wrote {HERE / 'summary.md'} and figures for {len(names)} studies\n")
     return 0
