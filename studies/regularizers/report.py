@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         per_time[folder.name] = curves
     compact = []
     for metric, label in (("nll_gap_nats", "NLL gap to the truth (nats)"), ("fpe_residual_rel", "relative residual"),
-                          ("score_error_rel", "relative score error"), ("sw_sde_vs_data", "SW₂ of reverse-SDE samples")):
+                          ("score_error_rel", "relative score error"), ("jacobian_asymmetry_rel", "Jacobian asymmetry"),
+                          ("sw_sde_vs_data", "SW₂ of reverse-SDE samples")):
         names = list(tradeoff)
         compact += [f"**Paired difference in {label}, arm − DSM-only** (mean over seeds; * where the 95% interval "
                     "excludes 0; the DSM-only row gives its mean)", "",
