@@ -7,12 +7,16 @@ the plan (study.json) and the finished runs, and writes into studies/bridge/:
 
     summary.md          per D and arm: relative residual E‖R‖²/(its terms), relative score error
                         E‖s − ∇log p‖²/E‖∇log p‖² (both averaged over the evaluation times), NLL gap
-                        (model − true, nats) and its value per dimension; the paired differences to
+                        (model − true, nats) and its value per dimension, the regularizer's weighted share
+                        of the training loss (λ_eff·reg ÷ DSM, last 100 steps); the paired differences to
                         DSM-only (fpe_lab.study.summarize: arm − DSM per seed, 95% t-interval over seeds)
                         and of unbiased − squared Hutchinson; the D whose study is missing or unfinished
     D<D>.csv            fpe_lab.study.write_summary's full table of that D
     bridge.png/.pdf     residual, score error and NLL gap against D per arm (mean over seeds, bars: the
-                        seeds' range), log axes (the NLL gap on a symmetric-log axis: it can be < 0)
+                        seeds' range), log axes (the NLL gap on a symmetric-log axis if a gap is <= 0)
+
+The follow-up RUNS/fixedlam_D<D>/ (run_fixed_lambda.sh: one arm, λ = 0.1 without /D) gets its own table,
+paired with the main study's DSM runs of the same seeds, and a dashed line in the figure.
 
 Text in an existing summary.md below the line ``<!-- findings -->`` is kept (the written conclusions).
 """
@@ -84,9 +88,40 @@ def _per_seed(plan: StudyPlan, folder: Path) -> dict[str, dict[str, list[float]]
     """arm → metric → values per seed (in plan.seeds order), read from each run's metrics.json."""
     out: dict[str, dict[str, list[float]]] = {}
     for arm in plan.arms:
-        reports = [runs.load(runs.run_dir(plan.config(arm, s, folder), folder)).report for s in plan.seeds]
+        loaded = [runs.load(runs.run_dir(plan.config(arm, s, folder), folder)) for s in plan.seeds]
+        reports = [run.report for run in loaded]
         out[arm.name] = {name: [get(r) for r in reports] for name, _, get in METRICS}
         out[arm.name]["nll_true_nats"] = [r.nll.true_nats for r in reports]
+        out[arm.name]["reg_share"] = [_reg_share(run) for run in loaded]
+    return out
+
+
+def _reg_share(run) -> float:
+    """(lam_eff · regularizer term) / DSM term of the training loss, averaged over the last 100 steps
+    (lam_eff = lam/D with --per-dim): how much the regularizer weighs against DSM in the objective."""
+    reg = run.config.loss.reg
+    lam = reg.lam / run.config.dim if reg.per_dim else reg.lam
+    tail = run.history()[-100:]
+    return sum(lam * h["fpe"] / h["dsm"] for h in tail) / len(tail)
+
+
+def _fixed_lambda(runs_dir: Path, done: dict) -> dict[int, dict[str, list[float]]]:
+    """D → metric → per-seed values of the finished fixed-λ follow-up (RUNS/fixedlam_D<D>), for the D whose
+    main study is finished too (its DSM runs are the control) and whose seeds match."""
+    out = {}
+    for d in sorted(runs_dir.iterdir()):
+        m = re.fullmatch(r"fixedlam_D(\d+)", d.name)
+        if not m or not (d / "study.json").is_file() or int(m.group(1)) not in done:
+            continue
+        plan = StudyPlan.load(d)
+        try:
+            summarize(plan, d)  # raises for unfinished runs
+        except ValueError as e:
+            sys.stderr.write(f"skipping {d.name}: {e}\n")
+            continue
+        (vals,) = _per_seed(plan, d).values()
+        if len(vals["fpe_residual_rel"]) == len(done[int(m.group(1))]["reg=none"]["fpe_residual_rel"]):
+            out[int(m.group(1))] = vals
     return out
 
 
@@ -129,18 +164,37 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## D = {dim} ({len(plan.seeds)} seeds, {base.optim.steps} steps, MLP {base.model.depth}×"
                   f"{base.model.width}, true NLL {sum(seeds['reg=none']['nll_true_nats']) / len(plan.seeds):.4g} "
                   "nats)", "",
-                  "| arm | " + " | ".join(label for _, label, _ in METRICS) + " | NLL gap / D | s/step |",
-                  "|---" * (len(METRICS) + 3) + "|"]
+                  "| arm | " + " | ".join(label for _, label, _ in METRICS) + " | NLL gap / D | λ_eff·reg ÷ DSM | s/step |",
+                  "|---" * (len(METRICS) + 4) + "|"]
         for row in rows:
             step = row.get("step_time_s_mean")
             lines.append(f"| {SHORT.get(row['arm'], row['arm'])} | "
                          + " | ".join(_cell(row, name) for name, _, _ in METRICS)
                          + f" | {row['nll_gap_nats_mean'] / dim:.3g} | "
+                         + f"{sum(seeds[row['arm']]['reg_share']) / len(plan.seeds):.2g} | "
                          + (f"{step:.3f} |" if step is not None else "— |"))
         if SQUARED in seeds and UNBIASED in seeds:
             cells = [_fmt_diff(*_interval([u - s for u, s in zip(seeds[UNBIASED][name], seeds[SQUARED][name])]))
                      for name, _, _ in METRICS]
-            lines.append("| unbiased − squared (paired) | " + " | ".join(cells) + " | | |")
+            lines.append("| unbiased − squared (paired) | " + " | ".join(cells) + " | | | |")
+        lines.append("")
+    fixed = _fixed_lambda(args.runs_dir, done)
+    if fixed:
+        lines += ["## Follow-up: a fixed weight λ = 0.1 instead of λ/D (`run_fixed_lambda.sh`)", "",
+                  "The squared-Hutchinson arm with `per_dim=false lam=0.1` (at D = 2 the main study's arms have "
+                  "this same λ_eff = 0.2/2). Δ: paired difference to the main study's DSM-only run of the same "
+                  "seed; the last column to the main study's squared arm with λ/D.", "",
+                  "| D | " + " | ".join(label for _, label, _ in METRICS) + " | λ_eff·reg ÷ DSM | "
+                  "residual, rel.: Δ to λ/D arm |", "|---" * (len(METRICS) + 3) + "|"]
+        for dim, vals in sorted(fixed.items()):
+            cells = []
+            for name, _, _ in METRICS:
+                mean = sum(vals[name]) / len(vals[name])
+                diff = _interval([a - b for a, b in zip(vals[name], done[dim]["reg=none"][name])])
+                cells.append(f"{mean:.3g} (Δ {_fmt_diff(*diff)})")
+            vs = _interval([a - b for a, b in zip(vals["fpe_residual_rel"], done[dim][SQUARED]["fpe_residual_rel"])])
+            lines.append(f"| {dim} | " + " | ".join(cells) + f" | {sum(vals['reg_share']) / len(vals['reg_share']):.2g} | "
+                         f"{_fmt_diff(*vs)} |")
         lines.append("")
     planned_missing = [d for d in PLANNED_DIMS if d not in folders]
     if missing or planned_missing:
@@ -163,16 +217,23 @@ def main(argv: list[str] | None = None) -> int:
             # a small offset in D per arm, so that the bars of arms at one D do not overlap
             ax.errorbar([x * 1.06 ** (k - 1.5) for x in xs], mean, yerr=err, marker="o", ms=4, lw=1, capsize=2,
                         label=SHORT.get(arm, arm))
+        if fixed:
+            xs = sorted(fixed)
+            vals = [fixed[d][name] for d in xs]
+            mean = [sum(v) / len(v) for v in vals]
+            err = [[m - min(v) for m, v in zip(mean, vals)], [max(v) - m for m, v in zip(mean, vals)]]
+            ax.errorbar(xs, mean, yerr=err, marker="s", ms=4, lw=1, ls="--", capsize=2, color="k",
+                        label="DSM + FPE, Hutchinson, ‖R̂‖², fixed λ = 0.1")
         ax.set_xscale("log", base=2)
-        if name == "nll_gap_nats":
-            ax.set_yscale("symlog", linthresh=0.1)
+        if name == "nll_gap_nats" and any(v <= 0 for d in dims for a in done[d] for v in done[d][a][name]):
+            ax.set_yscale("symlog", linthresh=0.1)  # a gap can be negative (the model's NLL is an estimate)
             ax.axhline(0, color="0.6", lw=0.6)
         else:
             ax.set_yscale("log")
         ax.set_xlabel("D")
         ax.set_title(label, fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(arms), fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
     fig.suptitle("Gaussian mixture in D dimensions, VP: mean over seeds (bars: range over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save(fig, "bridge")
