@@ -67,8 +67,9 @@ MIN_EPS = 1e-6
 """Smallest eps: 1 − eps must differ from 1 in float32 (resolution 1.2e-7) with digits to spare."""
 
 MIXTURE_MAX_DIM = 4096
-"""Largest D of the mixture data set (a 64×64 RGB image has 12288; 4096 keeps the (D,) MLP input and the
-per-component D×D covariances of the exact truth, fpe_lab.gmm, within memory)."""
+"""Largest D of the mixture data set (a 64×64 one-channel image). The exact truth (fpe_lab.gmm) forms a
+D×D covariance per evaluation point and component, b·K·D²·8 bytes in float64 (2 GiB for b = 4, K = 4 at
+D = 4096), so evaluating at large D needs a small ``--eval-batch``."""
 MIXTURE_MAX_COMPONENTS = 64
 JET_MAX_DIM = 8
 """Largest D of the jet residual path: it carries 1 + D + D(D+1)/2 derivative streams per hidden unit

@@ -6,16 +6,16 @@
 #     nohup bash studies/bridge/run.sh runs/bridge > runs/bridge.log 2>&1 &
 #     python studies/bridge/report.py runs/bridge
 #
-# Sizes (chosen to fit ~40 min of one loaded CPU core; step times measured with
-# benchmarks/bench_bridge.py and single runs, see studies/bridge/summary.md):
+# Sizes (chosen to fit ~40 min of one loaded CPU core from step times of benchmarks/bench_bridge.py and
+# of single 100-step runs before the study; the study's own wall time is in studies/bridge/summary.md):
 #   1000 steps of batch 256, lr 2e-3 (the toy2d preset), residual on the first 64 points of each batch
 #   (--fpe-batch 64), lam 0.2 with --per-dim (lam/D: 0.1 at D = 2, the toy2d preset's weight) and the
 #   normalized weighting w = sigma^6/g^4; MLP 3 × max(128, D) (a narrower MLP cannot pass the
 #   identity part −x/v of the score through its hidden layers when D > width);
 #   evaluation at t = 0.02 0.1 0.5 1 on 200 points, NLL of 100 held-out points, no sample distances.
 # D = 3072 is left out: the exact truth (fpe_lab.gmm) factorises a D×D covariance per point and
-# component, (50, 4, 3072, 3072) float64 = 15 GB per evaluation chunk, and fpe_lab/gmm.py is being
-# edited by another change, so no isotropic fast path was added there.
+# component, 50 · 4 · 3072² · 8 bytes = 15 GB in float64 per evaluation chunk of 50 points, and
+# fpe_lab/gmm.py was being edited by another change, so no isotropic fast path was added there.
 # Finished runs are skipped when the script is run again (a study resumes).
 set -u
 RUNS=${1:?usage: bash studies/bridge/run.sh RUNS_DIR}
