@@ -94,7 +94,7 @@ def _load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
             model = run.model(dtype=dtype, device=device)
         except (runs.RunError, ValueError, KeyError, FileNotFoundError) as e:
             raise CLIError(f"MODEL {path}: {str(e).splitlines()[0]}") from None
-        return model, run.sde, tuple(run.config.data.name.shape), f"fpe_lab run {path} ({run.sde!r})"
+        return model, run.sde, tuple(run.config.data.shape), f"fpe_lab run {path} ({run.sde!r})"
     raise CLIError(
         f"MODEL {path} is neither an fpe_lab run folder (config.json + checkpoint.pt) nor a diffusers UNet2DModel folder "
         f"({dm.CONFIG_NAME} with \"_class_name\": \"UNet2DModel\" and {dm.SAFETENSORS_NAME} or {dm.BIN_NAME})"

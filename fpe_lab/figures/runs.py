@@ -101,9 +101,9 @@ def load_run(path: str | Path) -> Run:
     try:
         folder = run_folders.load(path)
         config = folder.config
-        if config.data.name.is_image:
-            raise RunFolderError(f"run folder {path} holds {config.data.name.value} images; the figures need runs "
-                                 "on 2-D toy data")
+        if config.dim != 2:
+            raise RunFolderError(f"run folder {path} holds {config.data.name.value} data of dimension {config.dim}; "
+                                 "the figures need runs on 2-D data")
         done, planned = folder.steps_done, config.optim.steps
         report = folder.report
     except (run_folders.RunError, ValueError, OSError) as e:
