@@ -151,3 +151,12 @@ def test_study_command_end_to_end(tmp_path, capsys):
     assert "'nope' is not a configuration field" in capsys.readouterr().err
     assert cli.main(["study", "toy2d", *TINY, "--grid", "lam=0,0.3", "--seeds", "2", "--out", str(out)]) == 2
     assert "holds another study" in capsys.readouterr().err
+
+
+def test_local_workers_give_the_same_runs(tmp_path):
+    plan = StudyPlan(_base(), tuple(parse_grid(["lam=0,0.5"])), seeds=(0,))
+    two = run_study(plan, tmp_path / "two", jobs=2, progress=False)
+    one = run_study(plan, tmp_path / "one", jobs=1, progress=False)
+    for a, b in zip(two, one):
+        sa, sb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+        assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])  # same run in a worker process
