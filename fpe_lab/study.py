@@ -202,9 +202,10 @@ def _check_plan(plan: StudyPlan, out: Path) -> None:
     want = plan.to_dict()
     if path.is_file():
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); move the study folder away") from None
+            # through StudyPlan: a plan saved before a configuration field was added reads with its default
+            saved = StudyPlan.from_dict(json.loads(path.read_text(encoding="utf-8"))).to_dict()
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a study plan ({e}); move the study folder away") from None
         if saved != want:
             keys = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
             raise ValueError(f"study folder {out} holds another study (differs in {keys}); use another --out")
