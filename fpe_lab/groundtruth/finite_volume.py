@@ -180,7 +180,7 @@ def step_times(sde, times: np.ndarray, n_steps: int, tau0: float) -> list[np.nda
     a feature of width w changes on the diffusion-time scale w² + τ, so with τ0 ≈ (finest width)² the
     log term gives each step the same relative change early on; the τ term spreads steps where the
     diffusion is strong, the t term where g is small and the drift acts alone (weights measured on
-    the issue-3 VP problem). Every interval gets at least one step.
+    the VP benchmark problem). Every interval gets at least one step.
     """
     t_max = float(times[-1])
     if t_max == 0:

@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 # −230) makes the first steps needlessly stiff.
 P0_FLOOR = 1e-100
 # Rannacher start: the first steps (where the graded schedule resolves the initial layer and p0's
-# unresolved scales make stiff modes) use the L-stable damped step; measured on the issue-3 problems,
+# unresolved scales make stiff modes) use the L-stable damped step; measured on the benchmark problems,
 # 4 such steps keep the tails at t = 0.1 as accurate as damped steps throughout.
 DAMPED_STEPS = 4
 

@@ -85,7 +85,7 @@ def test_log_density_matches_exact_mixture_2d(sde):
     bands = bands_at(sol, 1, gm, sde, t, levels=(1e-3, 1e-6, 1e-10, 1e-12))
     # O(h²), h = 0.25 (VE 0.2) against widths 0.4 .. 1: measured 4.7e-3 (VP), 6.6e-3 (sub-VP), 6.7e-2 (VE)
     assert bands[1e-6] < 0.1, bands
-    assert bands[1e-12] < 10 * bands[1e-3], bands  # issue-3 tail target (measured 1.2×, 1.3×, 3.3× VE)
+    assert bands[1e-12] < 10 * bands[1e-3], bands  # the tail target (measured 1.2×, 1.3×, 3.3× VE)
     wrong = on_grid(lambda x: gm.score(x, 0.2, sde), grid)  # can fail: the t = 0.2 score is O(1) off
     lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
     assert score_error_bands(sol.score[1], wrong, lp)[1e-3] > 0.2
@@ -172,7 +172,7 @@ def test_log_density_benchmark_problem_256():
     grid, sde, t = Grid(((-8.0, 8.0), (-8.0, 8.0)), (256, 256)), VPSDE(), 0.5
     sol = solve_mixture(sde, gm, grid, [t], 100)
     bands = bands_at(sol, 0, gm, sde, t, levels=(1e-3, 1e-6, 1e-10, 1e-12))
-    assert bands[1e-6] < 1e-3, bands  # issue-3 accuracy target (measured 5.4e-4 at 100 steps)
+    assert bands[1e-6] < 1e-3, bands  # the accuracy target (measured 5.4e-4 at 100 steps)
     assert bands[1e-10] < 10 * bands[1e-3], bands  # tail target (measured 1.1×)
 
 
