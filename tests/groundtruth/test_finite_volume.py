@@ -94,7 +94,7 @@ def test_fv_matches_exact_mixture_1d(sde):
 
 @pytest.mark.parametrize("dim", [1, 2])
 def test_fv_tail_accuracy_vp(dim):
-    """Issue-3 tail target: score error where p ≥ 1e-10·max within 10× of that where p ≥ 1e-3·max."""
+    """Tail target: score error where p ≥ 1e-10·max within 10× of that where p ≥ 1e-3·max."""
     gm = mixture_1d() if dim == 1 else mixture_2d()
     grid = Grid(((-8.0, 8.0),) * dim, (512,) if dim == 1 else (64, 64))
     sde, t = VPSDE(), 0.5

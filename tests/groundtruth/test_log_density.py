@@ -165,7 +165,7 @@ def test_log_density_inputs():
 
 @pytest.mark.slow
 def test_log_density_benchmark_problem_256():
-    """Issue-3 benchmark problem (VP, 4 Gaussians, [−8, 8]², 256², t = 0.5): tail target and accuracy."""
+    """The ground-truth benchmark problem (VP, 4 Gaussians, [−8, 8]², 256², t = 0.5): tail target and accuracy."""
     sds = [0.2, 0.3, 0.25, 0.35]
     gm = GaussianMixture(np.ones(4), np.array([[2, 0], [-2, 0], [0, 2], [0, -2.0]]),
                          np.array([np.eye(2) * s * s for s in sds]), dtype=torch.float64)
