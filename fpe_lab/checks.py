@@ -4,10 +4,11 @@ the offending value and what is allowed."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["check_time", "check_finite", "check_positive", "check_batch"]
+__all__ = ["check_time", "check_finite", "check_positive", "check_batch", "check_int", "check_float"]
 
 
 def _describe(v: torch.Tensor) -> str:
@@ -64,3 +65,23 @@ def check_batch(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     if isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch: shape {tuple(x.shape)}; need b >= 1 samples along the first axis")
     return x
+
+
+def check_int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    """v must be an integer (not a bool) in [lo, hi] (hi None: no upper bound); returns v."""
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+    if not ok:
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an integer {rng}; got {v!r}")
+    return v
+
+
+def check_float(name: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
+                hi_open: bool = False) -> float:
+    """v must be a finite number (not a bool) in the interval from lo to hi, each end open or closed."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be a finite number in {lb}{lo:g}, {hi:g}{rb}; got {v!r}")
+    return float(v)
