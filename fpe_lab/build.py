@@ -7,7 +7,6 @@ evaluator and the run folders take these objects and never look at the configura
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Callable
@@ -15,19 +14,9 @@ from typing import Callable
 import torch
 
 from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fpe_lab.config import (
-    Dataset,
-    DeviceChoice,
-    DivergenceKind,
-    RegKind,
-    ResidualPath,
-    RunConfig,
-    SDEConfig,
-    SDEKind,
-    TimeDerivativeKind,
-)
-from fpe_lab.fpe import FiniteDifferenceDt, ForwardModeDt, Hutchinson, score_fpe_residual
-from fpe_lab.losses import ConservativeRegularizer, FPERegularizer, HODSMRegularizer, ScoreFPELoss
+from fpe_lab import regularizers
+from fpe_lab.config import Dataset, DeviceChoice, RunConfig, SDEConfig, SDEKind
+from fpe_lab.losses import ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
@@ -128,52 +117,13 @@ def build_model(config: RunConfig, sde: LinearSDE, dtype: torch.dtype = torch.fl
     return ScoreModel(net.to(dtype), sde)
 
 
-def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False, time_derivative=None):
-    """score_fpe_residual with autocast disabled: the residual's derivatives in fp32 under bf16 training."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence,
-                                  create_graph=create_graph, time_derivative=time_derivative)
-
-
-def _residual_function(config: RunConfig):
-    reg = config.loss.reg
-    match reg.residual_path:
-        case ResidualPath.JET:
-            from fpe_lab.nets.jet import jet_score_fpe_residual
-
-            return jet_score_fpe_residual
-        case ResidualPath.GENERIC:
-            match reg.dt:
-                case TimeDerivativeKind.JVP:
-                    dt = ForwardModeDt()
-                case TimeDerivativeKind.FD:
-                    dt = FiniteDifferenceDt(h=reg.fd_step, eps=config.loss.eps)
-            return functools.partial(_fp32_residual if config.optim.bf16 else score_fpe_residual, time_derivative=dt)
-
-
 def build_loss(config: RunConfig, sde: LinearSDE) -> ScoreFPELoss:
     """L = E lambda(t)‖s_θ + z/sigma‖² + lam · (the regularizer's per-sample term), lam/D with ``per_dim``."""
     reg = config.loss.reg
-    lam = reg.lam / config.dim if reg.per_dim else reg.lam
-    exact = reg.divergence is DivergenceKind.EXACT
-    match reg.kind:
-        case RegKind.NONE:
-            regularizer = None
-        case RegKind.FPE:
-            regularizer = FPERegularizer(
-                lam=lam,
-                weighting=reg.weighting,
-                points=reg.points,
-                n_points=reg.n_points,
-                divergence=None if exact else Hutchinson(reg.probes, reg.probe),
-                residual=_residual_function(config),
-                estimator=reg.estimator,
-            )
-        case RegKind.CONSERVATIVE:
-            regularizer = ConservativeRegularizer(lam=lam, weighting=reg.conservative_weighting, n_points=reg.n_points,
-                                                  probes=None if exact else reg.probes, probe=reg.probe)
-        case RegKind.HODSM:
-            regularizer = HODSMRegularizer(lam=lam, order=reg.hodsm_order, n_points=reg.n_points)
+    regularizer = None
+    if reg.kind != regularizers.NONE:
+        lam = reg.lam / config.dim if reg.per_dim else reg.lam
+        regularizer = regularizers.get(reg.kind).from_config(config, reg.options, lam)
     return ScoreFPELoss(sde=sde, eps=config.loss.eps, weighting=config.loss.dsm_weighting, regularizer=regularizer,
                         time_sampling=config.loss.time_sampling)
 

@@ -28,23 +28,25 @@ import enum
 import hashlib
 import json
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from fpe_lab import regularizers
+from fpe_lab.checks import check_float as _check_float
+from fpe_lab.checks import check_int as _check_int
 from fpe_lab.fpe import Probe
-from fpe_lab.losses import ConservativeWeighting, DSMWeighting, FPEEstimator, FPEPoints, FPEWeighting, TimeSampling
+from fpe_lab.losses import DSMWeighting
 from fpe_lab.metrics.evaluate import DEFAULT_TIMES
 from fpe_lab.nets.unet import UNetSize
+from fpe_lab.regularizers.fpe import FPEOptions, ResidualPath
+from fpe_lab.settings import Section, convert, plain, section, setting, strip_optional
+from fpe_lab.time_sampling import TimeSampling
 
 __all__ = [
     "Dataset",
     "SDEKind",
-    "RegKind",
     "DivergenceKind",
-    "TimeDerivativeKind",
-    "ResidualPath",
     "Weights",
     "DeviceChoice",
     "DataConfig",
@@ -71,11 +73,6 @@ MIXTURE_MAX_DIM = 4096
 D×D covariance per evaluation point and component, b·K·D²·8 bytes in float64 (2 GiB for b = 4, K = 4 at
 D = 4096), so evaluating at large D needs a small ``--eval-batch``."""
 MIXTURE_MAX_COMPONENTS = 64
-JET_MAX_DIM = 8
-"""Largest D of the jet residual path: it carries 1 + D + D(D+1)/2 derivative streams per hidden unit
-(45 at D = 8, 153 at D = 16, against 6 at D = 2), so its memory grows as D²; above 8 use the generic path."""
-
-
 # ---------------------------------------------------------------------- choices
 class Dataset(enum.Enum):
     """The data sets: 2-D toy sets (``fpe_lab.data.toy``, exact p_t known) and image sets (``fpe_lab.data.images``)."""
@@ -121,34 +118,11 @@ class SDEKind(enum.Enum):
     SUBVP = "subvp"
 
 
-class RegKind(enum.Enum):
-    """The regularizer added to DSM."""
-
-    NONE = "none"  # plain DSM (lam = 0)
-    FPE = "fpe"  # lam · E w(t)‖R_θ‖², the score-FPE residual (FP-Diffusion)
-    CONSERVATIVE = "conservative"  # lam · E w(t)‖J − Jᵀ‖²_F, the asymmetry penalty (Chao et al. 2023)
-    HODSM = "hodsm"  # high-order denoising score matching (Lu et al. 2022)
-
-
 class DivergenceKind(enum.Enum):
     """∇·s inside the residual."""
 
     EXACT = "exact"  # D reverse passes: points
     HUTCHINSON = "hutchinson"  # unbiased probe estimate: images
-
-
-class TimeDerivativeKind(enum.Enum):
-    """∂_t s inside the residual."""
-
-    JVP = "jvp"  # forward-mode JVP in t: exact
-    FD = "fd"  # central difference clipped to [eps, 1], extra evaluations without dropout
-
-
-class ResidualPath(enum.Enum):
-    """How R_θ is differentiated during training."""
-
-    GENERIC = "generic"  # fpe_lab.fpe.score_fpe_residual: autograd, any network
-    JET = "jet"  # fpe_lab.nets.jet: one Taylor-mode pass through the MLP (exact divergence, JVP ∂_t only)
 
 
 class Weights(enum.Enum):
@@ -164,127 +138,9 @@ class DeviceChoice(enum.Enum):
     CUDA = "cuda"
 
 
-# ---------------------------------------------------------------------- field helpers
-def setting(default: Any, help: str, flag: str | None = None, in_hash: bool = True) -> Any:
-    """A config field: its default, help text, command-line flag (default: the field name with dashes)
-    and whether it enters the run folder's hash (settings that cannot change the trained weights do not)."""
-    meta = {"help": help, "flag": flag, "in_hash": in_hash}
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable defaults are not allowed")
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, help: str) -> Any:
-    return field(default_factory=cls, metadata={"help": help, "section": True})
-
-
-def _check_int(name: str, v: Any, lo: int, hi: int | None = None) -> None:
-    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
-    if not ok:
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ValueError(f"{name} must be an integer {rng}; got {v!r}")
-
-
-def _check_float(name: str, v: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok:
-        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be a finite number in {lb}{lo:g}, {hi:g}{rb}; got {v!r}")
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, _Section):
-        return v.to_dict()
-    if isinstance(v, enum.Enum):
-        return v.value
-    return list(v) if isinstance(v, tuple) else v
-
-
-def _strip_optional(kind: Any) -> tuple[Any, bool]:
-    """(inner type, whether None is allowed) of ``X | None``."""
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        return args[0], len(args) < len(typing.get_args(kind))
-    return kind, False
-
-
-def _convert(kind: Any, v: Any, path: str) -> Any:
-    """A JSON value → the field's type (enum from value, tuple from list, nested section from dict)."""
-    inner, optional = _strip_optional(kind)
-    if v is None:
-        if optional:
-            return None
-        raise ValueError(f"{path} must not be null")
-    if isinstance(inner, type) and issubclass(inner, _Section):
-        return inner.from_dict(v, path)
-    if isinstance(inner, type) and issubclass(inner, enum.Enum):
-        if isinstance(v, inner):
-            return v
-        try:
-            return inner(v)
-        except ValueError:
-            raise ValueError(f"{path} must be one of {[m.value for m in inner]}; got {v!r}") from None
-    if typing.get_origin(inner) is tuple and isinstance(v, list):
-        return tuple(v)
-    if inner is float and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    return v
-
-
-class _Section:
-    """JSON round trip and enum checks for the frozen config sections."""
-
-    def _check_enums(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            kind, optional = _strip_optional(hints[f.name])
-            v = getattr(self, f.name)
-            if v is None and optional:
-                continue
-            if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(v, kind):
-                raise ValueError(f"{f.name} must be one of {[m.value for m in kind]}; got {v!r}")
-            if isinstance(kind, type) and issubclass(kind, _Section) and not isinstance(v, kind):
-                raise ValueError(f"{f.name} must be a {kind.__name__}; got {v!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict: enums become their values, tuples lists, sections dicts."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: Any, path: str = ""):
-        """Inverse of :meth:`to_dict`. Unknown keys are an error; missing keys take the defaults."""
-        where = path or "config"
-        if not isinstance(d, dict):
-            raise ValueError(f"{where} must be a JSON object; got {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(repr(f'{path}.{k}' if path else k) for k in unknown)} in "
-                             f"{where}; allowed: {names}")
-        kwargs = {k: _convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
-        return cls(**kwargs)
-
-    @classmethod
-    def from_json(cls, text: str):
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config is not valid JSON: {e}") from None
-        return cls.from_dict(d)
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
 # ---------------------------------------------------------------------- sections
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     name: Dataset = setting(Dataset.GMM, "data set p_0: a 2-D toy set, a D-dimensional Gaussian mixture or an "
                             "image set", flag="data")
     data_dir: str | None = setting(None, "folder of the image files (cifar10: cifar-10-batches-py or its parent)")
@@ -314,7 +170,7 @@ class DataConfig(_Section):
 
 
 @dataclass(frozen=True)
-class SDEConfig(_Section):
+class SDEConfig(Section):
     kind: SDEKind = setting(SDEKind.VP, "forward SDE", flag="sde")
     beta_min: float = setting(0.1, "VP/sub-VP: beta(0)")
     beta_max: float = setting(20.0, "VP/sub-VP: beta(1)")
@@ -330,7 +186,7 @@ class SDEConfig(_Section):
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The network: ``TimeMLP(width, depth, n_freq)`` for points, ``UNet(unet preset)`` for images, whose
     base channels and residual blocks per level ``width`` and ``depth`` override when given."""
 
@@ -351,55 +207,114 @@ class ModelConfig(_Section):
             _check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
 
-@dataclass(frozen=True)
-class RegConfig(_Section):
-    """The regularizer: L = L_dsm + lam · E w(t)‖R_θ‖² (or lam/D with ``per_dim``)."""
+# The flat regularizer fields of configuration version 0.2, with their defaults: old config.json files are
+# migrated from them, and the fingerprint of a built-in regularizer is written in this form, so run folders
+# made before the regularizers became modules keep their names. Frozen: a new regularizer never enters here.
+_LEGACY_FIELDS: dict[str, tuple[str, str, Any]] = {
+    "weighting": ("fpe", "weighting", "normalized"),
+    "points": ("fpe", "points", "perturbed"),
+    "estimator": ("fpe", "estimator", "squared"),
+    "dt": ("fpe", "dt", "jvp"),
+    "fd_step": ("fpe", "fd_step", 1e-3),
+    "residual_path": ("fpe", "residual_path", "jet"),
+    "conservative_weighting": ("conservative", "weighting", "sigma4"),
+    "hodsm_order": ("hodsm", "order", 2),
+}
+_SHARED_DEFAULTS: dict[str, Any] = {"probes": 1, "probe": "rademacher"}
 
-    kind: RegKind = setting(RegKind.FPE, "regularizer: none (plain DSM), fpe (the score-FPE residual), conservative "
-                            "(‖J − Jᵀ‖² penalty), hodsm (high-order DSM)", flag="reg")
+
+@dataclass(frozen=True)
+class RegConfig(Section):
+    """The regularizer: L = L_dsm + lam · E P_θ (lam/D with ``per_dim``), P_θ from :mod:`fpe_lab.regularizers`.
+
+    The fields here are shared by every regularizer; ``options`` holds the active one's own settings (its
+    ``Options`` section), written as ``loss.reg.<name>`` in JSON and set by ``--<name>-<field>`` flags.
+    """
+
+    kind: str = setting("fpe", "regularizer: none (plain DSM), fpe (the score-FPE residual), conservative "
+                        "(‖J − Jᵀ‖² penalty), hodsm (high-order DSM), or a plug-in's name", flag="reg")
     lam: float = setting(0.1, "its weight lam >= 0 (0 is plain DSM)")
-    weighting: FPEWeighting = setting(FPEWeighting.NORMALIZED, "w(t): normalized = sigma^6/g^4, g2 = g^2 (the paper's), one",
-                                      flag="fpe-weighting")
-    points: FPEPoints = setting(FPEPoints.PERTURBED, "where R is evaluated: the DSM points or resampled ones",
-                                flag="fpe-points")
-    n_points: int | None = setting(None, "evaluate R on the first N points of each batch (none: all)", flag="fpe-batch")
+    n_points: int | None = setting(None, "evaluate the regularizer on the first N points of each batch (none: all)",
+                                   flag="reg-batch")
     per_dim: bool = setting(False, "divide the term by D (images)")
-    estimator: FPEEstimator = setting(FPEEstimator.SQUARED, "‖R̂‖² (squared, the paper's) or ⟨R̂₁, R̂₂⟩ (unbiased)",
-                                      flag="fpe-estimator")
-    divergence: DivergenceKind = setting(DivergenceKind.EXACT, "∇·s inside R (and J for conservative): exact or hutchinson")
+    divergence: DivergenceKind = setting(DivergenceKind.EXACT, "∇·s inside R, J for conservative and high-order "
+                                         "DSM: exact or hutchinson")
     probes: int = setting(1, "Hutchinson probes per sample")
     probe: Probe = setting(Probe.RADEMACHER, "Hutchinson probe distribution")
-    dt: TimeDerivativeKind = setting(TimeDerivativeKind.JVP, "∂_t s inside R: jvp (exact) or fd (clipped central difference)")
-    fd_step: float = setting(1e-3, "h of the finite-difference ∂_t s (with --dt fd)")
-    residual_path: ResidualPath = setting(ResidualPath.JET, "jet (Taylor mode, MLP only) or generic (autograd)")
-    conservative_weighting: ConservativeWeighting = setting(
-        ConservativeWeighting.SIGMA4, "conservative: w(t) = sigma^4 (O(1) at every t), sigma2 (Chao et al.'s), one")
-    hodsm_order: int = setting(2, "hodsm: 2 (second order) or 3 (with the third-order trace term)")
+    options: Section | None = field(default=None, metadata={"options": True, "help": "the active regularizer's options"})
 
     def __post_init__(self) -> None:
         self._check_enums()
+        if not isinstance(self.kind, str):
+            raise ValueError(f"reg must be a regularizer name; got {self.kind!r}")
         _check_float("lam", self.lam, 0.0)
-        if (self.kind is RegKind.NONE) != (self.lam == 0):
-            raise ValueError(f"reg {self.kind.value} with lam {self.lam:g}: plain DSM is reg none with lam 0; "
+        if (self.kind == regularizers.NONE) != (self.lam == 0):
+            raise ValueError(f"reg {self.kind} with lam {self.lam:g}: plain DSM is reg none with lam 0; "
                              f"a regularizer needs lam > 0")
         if self.n_points is not None:
-            _check_int("fpe_batch", self.n_points, 1)
+            _check_int("reg_batch", self.n_points, 1)
         _check_int("probes", self.probes, 1, 1024)
-        _check_float("fd_step", self.fd_step, 0.0, 0.5, lo_open=True)
-        _check_int("hodsm_order", self.hodsm_order, 2, 3)
-        if self.residual_path is ResidualPath.JET and self.kind is RegKind.FPE:
-            if self.divergence is not DivergenceKind.EXACT or self.dt is not TimeDerivativeKind.JVP:
-                raise ValueError("residual_path jet computes the exact divergence and ∂_t by forward mode; "
-                                 f"got divergence {self.divergence.value}, dt {self.dt.value}: use --residual-path generic")
+        if self.kind == regularizers.NONE:
+            if self.options is not None:
+                raise ValueError(f"plain DSM (reg none) has no regularizer options; got {self.options!r}")
+            return
+        cls = regularizers.get(self.kind)
+        if self.options is None:
+            object.__setattr__(self, "options", cls.Options())
+        elif not isinstance(self.options, cls.Options):
+            raise ValueError(f"reg {self.kind} takes options of type {cls.Options.__name__}; got {self.options!r}")
 
     @classmethod
     def none(cls) -> RegConfig:
         """Plain DSM."""
-        return cls(kind=RegKind.NONE, lam=0.0)
+        return cls(kind=regularizers.NONE, lam=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "options"}
+        if self.options is not None:
+            out[self.kind] = self.options.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "") -> RegConfig:
+        """Inverse of :meth:`to_dict`; a 0.2 configuration (flat regularizer fields) is migrated."""
+        where = path or "reg"
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} must be a JSON object; got {type(d).__name__}")
+        d = dict(d)
+        kind = d.get("kind", "fpe")
+        if not isinstance(kind, str):
+            raise ValueError(f"{where}.kind must be a regularizer name; got {kind!r}")
+        legacy = {k: d.pop(k) for k in list(d) if k in _LEGACY_FIELDS}
+        for key, value in legacy.items():  # 0.2: every regularizer's fields, flat; only the active one's count
+            name, option, _ = _LEGACY_FIELDS[key]
+            if name == kind:
+                d.setdefault(name, {})[option] = value
+        if "fpe_batch" in d:  # never a key of 0.2, but the name its flag had
+            raise ValueError(f"unknown key '{where}.fpe_batch'; the number of points is n_points (--reg-batch)")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+        sections = {k: d.pop(k) for k in list(d) if k not in names}
+        options = None
+        for name, value in sections.items():
+            if name != kind:
+                known = name in regularizers.available()
+                raise ValueError(f"{where}.{name} is the section of reg {name}; this configuration's reg is {kind}"
+                                 if known else f"unknown key(s) '{where}.{name}' in {where}; allowed: {names} and "
+                                 f"the section of the active regularizer ('{kind}')")
+            options = regularizers.get(kind).Options.from_dict(value, f"{where}.{name}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: convert(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
+        return cls(**kwargs, options=options)
+
+    def option_value(self, name: str, option: str) -> Any:
+        """The value of regularizer ``name``'s ``option``: this configuration's if ``name`` is active, else
+        its default."""
+        opts = self.options if self.kind == name else regularizers.get(name).Options()
+        return getattr(opts, option)
 
 
 @dataclass(frozen=True)
-class LossConfig(_Section):
+class LossConfig(Section):
     dsm_weighting: DSMWeighting = setting(DSMWeighting.SIGMA2, "DSM lambda(t): sigma2 or likelihood (g^2)")
     eps: float = setting(1e-3, "smallest training time; start of the NLL integration and end of sampling")
     time_sampling: TimeSampling = setting(TimeSampling.UNIFORM, "t ~ U[eps, 1] (uniform) or ∝ g²/sigma² with the "
@@ -415,7 +330,7 @@ class LossConfig(_Section):
 
 
 @dataclass(frozen=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     steps: int = setting(2000, "total optimizer steps (a finished run grows with --resume --steps N)", in_hash=False)
     batch: int = setting(256, "batch size (global, split over processes)")
     lr: float = setting(2e-3, "Adam learning rate")
@@ -440,7 +355,7 @@ class OptimConfig(_Section):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Section):
+class EvalConfig(Section):
     times: tuple[float, ...] = setting(DEFAULT_TIMES, "evaluation times of the per-t metrics", flag="eval-times")
     points: int = setting(1000, "points x_t per evaluation time", flag="eval-points")
     nll_points: int = setting(300, "held-out points for the PF-ODE NLL / bits/dim (0: skip)", flag="eval-nll-points")
@@ -470,7 +385,7 @@ class EvalConfig(_Section):
 
 
 @dataclass(frozen=True)
-class RunConfig(_Section):
+class RunConfig(Section):
     """Everything that decides a run. Presets: :func:`toy2d`, :func:`cifar10`, :func:`digits`."""
 
     data: DataConfig = section(DataConfig, "data")
@@ -482,25 +397,33 @@ class RunConfig(_Section):
     seed: int = setting(0, "seed of initialisation, data order and noise")
     device: DeviceChoice = setting(DeviceChoice.AUTO, "device (auto: cuda if available)", in_hash=False)
     threads: int = setting(1, "CPU threads per process (1: no oversubscription on shared cores)", in_hash=False)
+    plugins: tuple[str, ...] = setting((), "import this module from sys.path first; the Regularizer subclasses it "
+                                       "defines become --reg choices (repeatable)", flag="plugin", in_hash=False,
+                                       repeat=True)
 
     def __post_init__(self) -> None:
         self._check_enums()
         _check_int("seed", self.seed, 0, 2**62)
         _check_int("threads", self.threads, 1, 1024)
+        for module in self.plugins:
+            regularizers.load_plugin(module)
         reg = self.loss.reg
-        if reg.kind is RegKind.FPE and self.data.name.is_image and reg.residual_path is ResidualPath.JET:
-            raise ValueError(f"residual_path jet needs the MLP of point data; data {self.data.name.value} uses the "
-                             "U-Net: use --residual-path generic")
-        if reg.kind is RegKind.FPE and reg.residual_path is ResidualPath.JET and self.dim > JET_MAX_DIM:
-            raise ValueError(f"residual_path jet supports data_dim <= {JET_MAX_DIM} (it carries 1 + D + D(D+1)/2 "
-                             f"derivative streams per hidden unit, {1 + self.dim + self.dim * (self.dim + 1) // 2} "
-                             f"at D = {self.dim}); got data_dim {self.dim}: use --residual-path generic")
+        if reg.kind != regularizers.NONE:
+            regularizers.get(reg.kind).check(self, reg.options)
         if reg.n_points is not None and reg.n_points > self.optim.batch:
-            raise ValueError(f"fpe_batch must be <= batch ({self.optim.batch}); got {reg.n_points}")
+            raise ValueError(f"reg_batch must be <= batch ({self.optim.batch}); got {reg.n_points}")
         if self.data.name is Dataset.CIFAR10 and self.data.data_dir is None:
             raise ValueError("data cifar10 needs data_dir (--data-dir: the cifar-10-batches-py folder or its parent)")
         if max(self.eval.times) < self.loss.eps or min(self.eval.times) < self.loss.eps:
             raise ValueError(f"eval times must lie in [eps, 1] = [{self.loss.eps:g}, 1]; got {list(self.eval.times)}")
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "") -> RunConfig:
+        """Inverse of :meth:`to_dict`; the plug-ins it names are loaded before its regularizer is read."""
+        if isinstance(d, dict) and "plugins" in d:
+            for module in convert(tuple[str, ...], d["plugins"], "plugins"):
+                regularizers.load_plugin(module)
+        return typing.cast(RunConfig, super().from_dict(d, path))
 
     @property
     def dim(self) -> int:
@@ -512,77 +435,118 @@ class RunConfig(_Section):
         return self.eval.seed if self.eval.seed is not None else self.seed + 12345
 
     def override(self, changes: dict[tuple[str, ...], Any]) -> RunConfig:
-        """A copy with the leaves at the given paths replaced, e.g. ``{("loss", "eps"): 1e-5}``; validated."""
+        """A copy with the leaves at the given paths replaced, e.g. ``{("loss", "eps"): 1e-5}``; validated.
+        A regularizer option's path is ``("loss", "reg", NAME, FIELD)``."""
         changes = dict(changes)
         kind, lam = ("loss", "reg", "kind"), ("loss", "reg", "lam")
-        if kind in changes and RegKind(_plain(changes[kind])) is RegKind.NONE:
+        if kind in changes and plain(changes[kind]) == regularizers.NONE:
             changes[lam] = 0.0  # plain DSM: one way to say it (reg none sets lam 0, whatever lam said)
+        if kind in changes:  # options of a regularizer that is not the one chosen here cannot act: dropped
+            changes = {p: v for p, v in changes.items()
+                       if not (len(p) == 4 and p[:2] == ("loss", "reg") and p[2] != plain(changes[kind]))}
         if lam in changes and kind not in changes and changes[lam] == 0:
-            changes[kind] = RegKind.NONE
+            changes[kind] = regularizers.NONE
+        if ("plugins",) in changes:
+            for module in changes[("plugins",)]:
+                regularizers.load_plugin(module)
         d = self.to_dict()
+        if kind in changes and plain(changes[kind]) != self.loss.reg.kind:
+            d["loss"]["reg"].pop(self.loss.reg.kind, None)  # the old regularizer's options go with it
         for path, value in changes.items():
             node = d
             for key in path[:-1]:
-                node = node[key]
-            node[path[-1]] = _plain(value)
+                node = node.setdefault(key, {})
+            node[path[-1]] = plain(value)
         return RunConfig.from_dict(d)
 
     def fingerprint(self) -> str:
         """A short hash of the settings that change the trained weights (not steps, checkpointing,
-        device, threads or evaluation): runs with equal fingerprints are the same run, possibly grown."""
+        device, threads or evaluation, nor settings inert in this configuration): runs with equal
+        fingerprints are the same run, possibly grown."""
         text = json.dumps(_hashed(self), sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
     def label(self) -> str:
         """A readable run name: data, SDE, regularizer and weight, seed."""
         reg = self.loss.reg
-        kind = reg.kind.value if reg.kind is RegKind.NONE else f"{reg.kind.value}{reg.lam:g}"
+        kind = reg.kind if reg.kind == regularizers.NONE else f"{reg.kind}{reg.lam:g}"
         return f"{self.data.name.value}_{self.sde.kind.value}_{kind}_seed{self.seed}"
 
 
-def _hashed(config: _Section) -> dict[str, Any]:
-    """The settings that decide the trained weights; plain DSM ignores every other regularizer field."""
-    if isinstance(config, RegConfig) and config.kind is RegKind.NONE:
-        return {"kind": RegKind.NONE.value}
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):  # type: ignore[arg-type]
-        if f.name == "eval" and isinstance(config, RunConfig):
-            continue
-        if not f.metadata.get("in_hash", True):
-            continue
-        if isinstance(config, DataConfig) and f.name in ("dim", "components") and config.name is not Dataset.MIXTURE:
-            continue  # fixed at 2 and 4 off the mixture: the fingerprints of earlier run folders stay valid
-        v = getattr(config, f.name)
-        out[f.name] = _hashed(v) if isinstance(v, _Section) else _plain(v)
+def _reg_hashed(config: RunConfig) -> dict[str, Any]:
+    """The regularizer's part of the fingerprint: the shared fields and the active regularizer's options,
+    each setting that is inert in this configuration at its default. Built-ins are written in the flat
+    form of configuration 0.2, so earlier run folders keep their fingerprints."""
+    reg = config.loss.reg
+    if reg.kind == regularizers.NONE:
+        return {"kind": regularizers.NONE}
+    assert reg.options is not None
+    inert = regularizers.get(reg.kind).inert(config, reg.options)
+    out = {k: v for k, v in reg.hashed().items() if k != "options"}
+    out.update({k: v for k, v in _SHARED_DEFAULTS.items() if k in inert})
+    options = {k: v for k, v in reg.options.hashed().items() if k not in inert}
+    legacy = {(name, option): flat for flat, (name, option, _) in _LEGACY_FIELDS.items()}
+    if not any(name == reg.kind for name, _ in legacy):
+        return {**out, reg.kind: options}
+    out.update({flat: default for flat, (_, _, default) in _LEGACY_FIELDS.items()})
+    out.update({legacy[(reg.kind, k)]: v for k, v in options.items()})
+    return out
+
+
+def _hashed(config: RunConfig) -> dict[str, Any]:
+    """The settings that decide the trained weights. A setting that cannot act in this configuration enters
+    at its default (so it does not split run folders, and older folders keep their fingerprints)."""
+    out = config.hashed()
+    out.pop("eval")
+    data, sde, model = out["data"], out["sde"], out["model"]
+    if config.data.name is not Dataset.MIXTURE:
+        del data["dim"], data["components"]  # fixed at 2 and 4 off the mixture
+    if not config.data.name.is_image:
+        data["data_dir"], model["unet"], model["dropout"] = None, UNetSize.TINY.value, None  # the MLP, no files
+    if config.sde.kind is SDEKind.VE:
+        sde["beta_min"], sde["beta_max"] = 0.1, 20.0
+    else:
+        sde["sigma_min"], sde["sigma_max"] = 0.01, 50.0
+    out["loss"]["reg"] = _reg_hashed(config)
     return out
 
 
 # ---------------------------------------------------------------------- leaves (for the CLI)
 @dataclass(frozen=True)
 class Leaf:
-    """One settable field: its path in the config, its flag, type and help."""
+    """One settable field: its path in the config, its flag, type, help and whether the flag repeats."""
 
     path: tuple[str, ...]
     flag: str
     kind: Any
     help: str
+    repeat: bool = False
 
     def get(self, config: RunConfig) -> Any:
+        """This field's value in ``config`` (a regularizer option: its default unless that regularizer is active)."""
         v: Any = config
-        for key in self.path:
+        for i, key in enumerate(self.path):
+            if isinstance(v, RegConfig) and key not in {f.name for f in dataclasses.fields(v)}:
+                return v.option_value(key, self.path[i + 1])
             v = getattr(v, key)
         return v
 
 
 def leaves(cls: type = RunConfig, prefix: tuple[str, ...] = ()) -> Iterator[Leaf]:
-    """Every leaf field of the configuration, depth first in declaration order."""
+    """Every leaf field of the configuration, depth first in declaration order; under ``loss.reg`` the options
+    of every available regularizer (built-ins and loaded plug-ins), with flags ``--<name>-<field>``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("section"):
             yield from leaves(hints[f.name], prefix + (f.name,))
+        elif f.metadata.get("options"):
+            for name, reg_cls in regularizers.available().items():
+                for leaf in leaves(reg_cls.Options, prefix + (name,)):
+                    flag = f"{name}-{leaf.flag}".replace("_", "-")
+                    yield dataclasses.replace(leaf, flag=flag, help=f"{name}: {leaf.help}")
         else:
             flag = f.metadata.get("flag") or f.name.replace("_", "-")
-            yield Leaf(prefix + (f.name,), flag, hints[f.name], f.metadata.get("help", ""))
+            yield Leaf(prefix + (f.name,), flag, hints[f.name], f.metadata.get("help", ""), f.metadata.get("repeat", False))
 
 
 # ---------------------------------------------------------------------- presets
@@ -598,7 +562,7 @@ def _image_preset(data: DataConfig, **changes: Any) -> RunConfig:
         data=data,
         model=ModelConfig(width=None, depth=None),
         loss=LossConfig(eps=1e-5, reg=RegConfig(per_dim=True, divergence=DivergenceKind.HUTCHINSON,
-                                                residual_path=ResidualPath.GENERIC)),
+                                                options=FPEOptions(residual_path=ResidualPath.GENERIC))),
         optim=OptimConfig(steps=1000, batch=64, lr=2e-4, ema_decay=0.9999, grad_clip=1.0),
         eval=EvalConfig(points=64, nll_points=256, samples=0, batch=64),
     )

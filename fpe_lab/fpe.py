@@ -44,6 +44,7 @@ from fpe_lab.shapes import append_dims, batch_time
 
 __all__ = [
     "ScoreFn",
+    "check_score",
     "eval_mode",
     "ExactDivergence",
     "Hutchinson",
@@ -55,6 +56,10 @@ __all__ = [
     "score_fpe_residual",
     "log_density_fpe_residual",
     "divergence",
+    "draw_probe",
+    "vjp",
+    "jvp_x",
+    "jacobian_of",
     "jacobian",
     "jacobian_asymmetry",
     "jacobian_asymmetry_sq",
@@ -96,6 +101,22 @@ class Probe(enum.Enum):
     GAUSSIAN = "gaussian"
 
 
+def draw_probe(like: torch.Tensor, probe: Probe, generator: torch.Generator | None) -> torch.Tensor:
+    """One probe per sample, shape and dtype of ``like``: Rademacher (±1) or N(0, I), E[v vᵀ] = I.
+
+    Drawn on the generator's device (so a CPU generator serves CUDA inputs with the same probes as on
+    CPU) and moved to ``like``'s; without a generator, from torch's global one.
+    """
+    device = generator.device if generator is not None else like.device
+    v = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+    match probe:
+        case Probe.RADEMACHER:
+            return v.sign()
+        case Probe.GAUSSIAN:
+            return v
+    raise ValueError(f"probe must be a fpe_lab.fpe.Probe ({[p.value for p in Probe]}); got {probe!r}")
+
+
 @dataclass(eq=False)
 class Hutchinson:
     """Unbiased estimate ∇·s ≈ (1/n) Σ_j v_jᵀ (∂s/∂x) v_j with n independent probes per sample.
@@ -116,11 +137,8 @@ class Hutchinson:
             raise ValueError(f"probe must be a fpe_lab.fpe.Probe ({list(Probe)}); got {self.probe!r}")
 
     def sample_probe(self, like: torch.Tensor) -> torch.Tensor:
-        """One probe per sample, shape and dtype of ``like``; drawn on the generator's device (so a CPU
-        generator serves CUDA inputs, with the same probes as on CPU) and moved to ``like``'s."""
-        device = self.generator.device if self.generator is not None else like.device
-        v = torch.randn(like.shape, generator=self.generator, dtype=like.dtype, device=device).to(like.device)
-        return v.sign() if self.probe is Probe.RADEMACHER else v
+        """One probe per sample (:func:`draw_probe` from this estimator's generator)."""
+        return draw_probe(like, self.probe, self.generator)
 
     def __call__(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         est = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
@@ -146,7 +164,8 @@ def _leaves(x: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
     return x.detach().requires_grad_(True), t.detach().requires_grad_(True)
 
 
-def _check_score(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def check_score(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """s must be a tensor of the shape of x (what ``score_fn(x, t)`` returns); returns s."""
     if not isinstance(s, torch.Tensor) or s.shape != x.shape:
         got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
         raise ValueError(f"score_fn(x, t) must return the shape of x {tuple(x.shape)}; got {got}")
@@ -159,7 +178,7 @@ class ForwardModeDt:
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s(x, t), ∂_t s(x, t)), each of the shape of x."""
         s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
-        return _check_score(s, x), dt_s
+        return check_score(s, x), dt_s
 
     def __repr__(self) -> str:
         return "ForwardModeDt()"
@@ -202,7 +221,7 @@ class FiniteDifferenceDt:
 
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s(x, t), finite-difference ∂_t s), each of the shape of x."""
-        s = _check_score(score_fn(x, t), x)
+        s = check_score(score_fn(x, t), x)
         t0 = t.detach()
         lo = torch.minimum(torch.clamp(t0 - self.h, min=self.eps), t0)
         hi = torch.maximum(torch.clamp(t0 + self.h, max=1.0), t0)
@@ -453,7 +472,36 @@ def divergence(
 ) -> torch.Tensor:
     """∇·s(x, t), shape (b,): exact by default, or the given Hutchinson estimator."""
     x, t = _leaves(x, t)
-    return (estimator or ExactDivergence())(_check_score(score_fn(x, t), x), x).detach()
+    return (estimator or ExactDivergence())(check_score(score_fn(x, t), x), x).detach()
+
+
+def vjp(out: torch.Tensor, x: torch.Tensor, v: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    """vᵀ ∂out/∂x per sample (shape of x), keeping the graph by default (differentiable again); zero
+    where out does not depend on x. The graph of ``out`` is retained for further passes."""
+    if not out.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(out, x, grad_outputs=v, create_graph=create_graph, retain_graph=True,
+                               allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
+def jvp_x(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s(x, t), J v) by one forward-mode JVP along x + τ v at τ = 0, J = ∂s/∂x; both differentiable in
+    the parameters, s also in x (x is closed over, as in :class:`ForwardModeDt`)."""
+    tau = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    return jvp(lambda tt: score_fn(x + append_dims(tt, x.ndim) * v, t), (tau,), (torch.ones_like(tau),))
+
+
+def jacobian_of(s: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """J[b, i, k] = ∂s_i/∂x_k of the flattened sample, (b, D, D), by D reverse passes over the batch sum
+    (samples must not interact inside the score); ``create_graph`` keeps it differentiable."""
+    flat = s.reshape(s.shape[0], -1)
+    rows = []
+    for i in range(flat.shape[1]):
+        e = torch.zeros_like(flat)
+        e[:, i] = 1
+        rows.append(vjp(s, x, e.reshape(s.shape), create_graph).reshape(s.shape[0], -1))
+    return torch.stack(rows, dim=1)
 
 
 def jacobian(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -461,9 +509,7 @@ def jacobian(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> tor
     if x.ndim != 2:
         raise ValueError(f"jacobian needs x of shape (b, D); got shape {tuple(x.shape)}")
     x, t = _leaves(x, t)
-    s = _check_score(score_fn(x, t), x)
-    rows = [_grad(s[:, i], x, create_graph=False, retain_graph=True) for i in range(s.shape[1])]
-    return torch.stack(rows, dim=1)
+    return jacobian_of(check_score(score_fn(x, t), x), x)
 
 
 def jacobian_asymmetry(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
@@ -495,19 +541,15 @@ def jacobian_asymmetry_sq(
     x, t = _leaves(x, t)
     b = x.shape[0]
     if probes is None:
-        flat = _check_score(score_fn(x, t), x).reshape(b, -1)
-        rows = [_grad(flat[:, i], x, create_graph=False, retain_graph=True).reshape(b, -1) for i in range(flat.shape[1])]
-        jac = torch.stack(rows, dim=1)
+        jac = jacobian_of(check_score(score_fn(x, t), x), x)
         return (jac - jac.transpose(-1, -2)).pow(2).sum((-1, -2)), jac.pow(2).sum((-1, -2))
-    sampler = Hutchinson(probes, probe, generator)
     t0 = t.detach()
     asym = torch.zeros(b, dtype=x.dtype, device=x.device)
     norm = torch.zeros(b, dtype=x.dtype, device=x.device)
     for _ in range(probes):
-        v = sampler.sample_probe(x)
-        s, jv = jvp(lambda xx: score_fn(xx, t0), (x,), (v,))
-        _check_score(s, x)
-        jtv = _grad((s * v).reshape(b, -1).sum(-1), x, create_graph=False)
+        v = draw_probe(x, probe, generator)
+        s, jv = jvp_x(score_fn, x, t0, v)
+        jtv = vjp(check_score(s, x), x, v, create_graph=False)
         asym = asym + (jv.detach() - jtv).reshape(b, -1).pow(2).sum(-1)
         norm = norm + jv.detach().reshape(b, -1).pow(2).sum(-1)
     return asym / probes, norm / probes

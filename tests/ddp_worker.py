@@ -15,7 +15,8 @@ import torch
 
 from fpe_lab import distributed
 from fpe_lab.fpe import Hutchinson
-from fpe_lab.losses import FPERegularizer, dsm_loss, perturb
+from fpe_lab.losses import dsm_loss
+from fpe_lab.regularizers.fpe import FPERegularizer
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.unet import UNet, UNetConfig
 from fpe_lab.sde import VPSDE
@@ -56,7 +57,7 @@ def batch_loss(module: ScoreModel, x0, t, z, probe) -> torch.Tensor:
     sde = module.sde
     reg = FPERegularizer(lam=LAM, divergence=GivenProbe(given=probe))
     dsm = dsm_loss(module, sde, x0, t, z)
-    fpe = reg.penalty_at(module, sde, perturb(sde, x0, t, z), t)
+    fpe = reg.penalty_at(module, sde, sde.perturb(x0, t, z), t)
     return (dsm + LAM * fpe).mean()
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from fpe_lab.config import (
     Dataset,
-    RegKind,
     RunConfig,
     SDEKind,
     cifar10,
@@ -16,7 +15,8 @@ from fpe_lab.config import (
     leaves,
     toy2d,
 )
-from fpe_lab.losses import DSMWeighting, FPEWeighting
+from fpe_lab.losses import DSMWeighting
+from fpe_lab.regularizers.fpe import FPEWeighting
 
 
 @pytest.mark.parametrize("preset", [toy2d, cifar10, digits])
@@ -34,22 +34,25 @@ def test_presets_are_values_of_one_configuration():
 
 
 def test_override_sets_leaves_and_validates():
-    c = toy2d().override({("loss", "dsm_weighting"): "likelihood", ("loss", "reg", "weighting"): FPEWeighting.G2,
+    c = toy2d().override({("loss", "dsm_weighting"): "likelihood", ("loss", "reg", "fpe", "weighting"): FPEWeighting.G2,
                           ("loss", "eps"): 1e-5, ("sde", "kind"): "ve", ("eval", "times"): (0.5, 1.0)})
-    assert c.loss.dsm_weighting is DSMWeighting.LIKELIHOOD and c.loss.reg.weighting is FPEWeighting.G2
+    assert c.loss.dsm_weighting is DSMWeighting.LIKELIHOOD and c.loss.reg.options.weighting is FPEWeighting.G2
     assert c.sde.kind is SDEKind.VE and c.eval.times == (0.5, 1.0) and c.loss.eps == 1e-5
     with pytest.raises(ValueError, match=r"eps must be a finite number in \(0, 0.5\]; got 0.7"):
         toy2d().override({("loss", "eps"): 0.7})
 
 
 def test_plain_dsm_has_one_spelling():
-    a = toy2d().override({("loss", "reg", "kind"): RegKind.NONE})
+    a = toy2d().override({("loss", "reg", "kind"): "none"})
     b = toy2d().override({("loss", "reg", "lam"): 0.0})
-    assert a == b and a.loss.reg.lam == 0 and b.loss.reg.kind is RegKind.NONE
+    assert a == b and a.loss.reg.lam == 0 and b.loss.reg.kind == "none"
     with pytest.raises(ValueError, match="a regularizer needs lam > 0"):
-        a.override({("loss", "reg", "kind"): RegKind.FPE})
-    # plain DSM ignores the other regularizer fields: one run, one folder
-    c = a.override({("loss", "reg", "weighting"): FPEWeighting.G2})
+        a.override({("loss", "reg", "kind"): "fpe"})
+    # plain DSM has no regularizer options: setting one is refused, not ignored
+    with pytest.raises(ValueError, match="loss.reg.fpe is the section of reg fpe; this configuration's reg is none"):
+        a.override({("loss", "reg", "fpe", "weighting"): FPEWeighting.G2})
+    # the shared fields of a regularizer are inert under plain DSM: one run, one folder
+    c = a.override({("loss", "reg", "probes"): 4})
     assert c != a and c.fingerprint() == a.fingerprint()
 
 
@@ -71,10 +74,15 @@ def test_fingerprint_ignores_steps_checkpoints_device_and_evaluation_only():
     ({"model": {"width": 0}}, "width"),
     ({"data": {"hflip": True}}, "hflip applies to images only"),
     ({"eval": {"times": []}}, "eval times"),
-    ({"loss": {"reg": {"hodsm_order": 4}}}, "hodsm_order"),
-    ({"data": {"name": "cifar10"}, "loss": {"reg": {"residual_path": "jet"}}}, "residual_path jet needs the MLP"),
-    ({"loss": {"reg": {"divergence": "hutchinson"}}}, "use --residual-path generic"),
-    ({"optim": {"batch": 4}, "loss": {"reg": {"n_points": 8}}}, r"fpe_batch must be <= batch \(4\)"),
+    ({"loss": {"reg": {"kind": "hodsm", "hodsm": {"order": 4}}}}, "hodsm order must be 2 or 3"),
+    ({"loss": {"reg": {"hodsm": {"order": 3}}}}, "loss.reg.hodsm is the section of reg hodsm; this configuration's reg is fpe"),
+    ({"loss": {"reg": {"kind": "nope"}}}, r"reg must be one of \['none', 'fpe', 'conservative', 'hodsm'\]"),
+    ({"loss": {"reg": {"per_dim": "false"}}}, r"loss.reg.per_dim must be true or false; got 'false'"),
+    ({"optim": {"bf16": "no"}}, r"optim.bf16 must be true or false; got 'no'"),
+    ({"optim": {"steps": 1e20}}, r"optim.steps must be an integer; got 1e\+20"),
+    ({"data": {"name": "cifar10"}, "loss": {"reg": {"fpe": {"residual_path": "jet"}}}}, "residual_path jet needs the MLP"),
+    ({"loss": {"reg": {"divergence": "hutchinson"}}}, "use --fpe-residual-path generic"),
+    ({"optim": {"batch": 4}, "loss": {"reg": {"n_points": 8}}}, r"reg_batch must be <= batch \(4\)"),
     ([1, 2], "config must be a JSON object"),
 ])
 def test_bad_configurations_name_the_field(d, match):
@@ -92,7 +100,7 @@ def test_every_leaf_has_help_and_a_unique_flag():
 # ---------------------------------------------------------------------- the D-dimensional mixture data set
 def _mixture(dim: int = 32, changes: dict | None = None) -> RunConfig:
     return toy2d().override({("data", "name"): "mixture", ("data", "dim"): dim,
-                             ("loss", "reg", "residual_path"): "generic", **(changes or {})})
+                             ("loss", "reg", "fpe", "residual_path"): "generic", **(changes or {})})
 
 
 def test_mixture_config_round_trips_and_sets_the_dimension():
@@ -112,7 +120,7 @@ def test_mixture_config_round_trips_and_sets_the_dimension():
 @pytest.mark.parametrize("d, match", [
     ({"data": {"name": "mixture", "dim": 0}}, r"data_dim must be an integer in \[1, 4096\]; got 0"),
     ({"data": {"name": "mixture", "dim": 4097}}, r"data_dim must be an integer in \[1, 4096\]; got 4097"),
-    ({"data": {"name": "mixture", "dim": 2.5}}, r"data_dim must be an integer in \[1, 4096\]; got 2.5"),
+    ({"data": {"name": "mixture", "dim": 2.5}}, r"data.dim must be an integer; got 2.5"),
     ({"data": {"name": "mixture", "components": 0}}, r"components must be an integer in \[1, 64\]; got 0"),
     ({"data": {"name": "mixture", "components": 65}}, r"components must be an integer in \[1, 64\]; got 65"),
     ({"data": {"name": "gmm", "dim": 3}}, "data_dim and components apply to data mixture only"),
@@ -124,7 +132,8 @@ def test_bad_mixture_configurations_name_the_field(d, match):
 
 
 def test_mixture_jet_limit_and_shape_questions():
-    assert RunConfig.from_dict({"data": {"name": "mixture", "dim": 8}}).loss.reg.residual_path.value == "jet"
-    assert _mixture(16, {("loss", "reg", "kind"): "none"}).dim == 16  # plain DSM has no residual path
+    assert RunConfig.from_dict({"data": {"name": "mixture", "dim": 8}}).loss.reg.options.residual_path.value == "jet"
+    dsm = toy2d().override({("data", "name"): "mixture", ("data", "dim"): 16, ("loss", "reg", "kind"): "none"})
+    assert dsm.dim == 16  # plain DSM has no residual path
     with pytest.raises(ValueError, match="use DataConfig.shape"):
         Dataset.MIXTURE.shape  # noqa: B018 — (2,) would be wrong for D != 2

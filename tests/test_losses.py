@@ -9,15 +9,8 @@ import torch
 
 from fpe_lab.fpe import score_fpe_residual, score_fpe_terms
 from fpe_lab.gmm import GaussianMixture
-from fpe_lab.losses import (
-    DSMWeighting,
-    FPEPoints,
-    FPERegularizer,
-    FPEWeighting,
-    ScoreFPELoss,
-    dsm_loss,
-    perturb,
-)
+from fpe_lab.losses import DSMWeighting, ScoreFPELoss, dsm_loss
+from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
@@ -54,7 +47,7 @@ def test_regularizer_vanishes_at_exact_mixture_score(sde, weighting):
     gm = _mixture()
     g = torch.Generator().manual_seed(1)
     t = 1e-3 + (1 - 1e-3) * torch.rand(256, generator=g, dtype=torch.float64)
-    x = perturb(sde, gm.sample(256, g), t, torch.randn(256, 2, generator=g, dtype=torch.float64))
+    x = sde.perturb(gm.sample(256, g), t, torch.randn(256, 2, generator=g, dtype=torch.float64))
     reg = FPERegularizer(lam=1.0, weighting=weighting)
     exact = reg.penalty_at(gm.score_fn(sde), sde, x, t)
     # the same weighted size of the terms that cancel in R: the scale the round-off is relative to
@@ -113,24 +106,23 @@ def test_combined_loss_terms_and_points(points):
     loss = ScoreFPELoss(sde=sde, eps=1e-3, regularizer=reg)
     x0 = _mixture().sample(64, torch.Generator().manual_seed(3))
     terms = loss(model, x0, torch.Generator().manual_seed(4))
-    torch.testing.assert_close(terms.total, terms.dsm + 0.3 * terms.fpe, rtol=1e-14, atol=0)  # float64 round-off
+    torch.testing.assert_close(terms.total, terms.dsm + 0.3 * terms.reg, rtol=1e-14, atol=0)  # float64 round-off
 
     # recompute by hand from the same generator stream: t, z (then the permutation and z' when resampled)
     g = torch.Generator().manual_seed(4)
     t, z, weight = loss.draw(x0, g)
     assert torch.equal(weight, torch.ones_like(t))  # uniform time: no importance weight
     torch.testing.assert_close(terms.dsm, dsm_loss(model, sde, x0, t, z).mean(), rtol=1e-12, atol=0)
-    x_r = perturb(sde, x0, t, z)
+    x_r = sde.perturb(x0, t, z)
     if points is FPEPoints.RESAMPLED:
         perm = torch.randperm(64, generator=g)
-        x_r = perturb(sde, x0[perm], t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
+        x_r = sde.perturb(x0[perm], t, torch.randn(x0.shape, generator=g, dtype=x0.dtype))
     r = score_fpe_residual(model, sde, x_r[:16], t[:16])
     w = FPEWeighting.NORMALIZED.weight(sde, t[:16])
-    torch.testing.assert_close(terms.fpe, (w * r.pow(2).sum(-1)).mean(), rtol=1e-10, atol=0)  # float64 round-off
-    assert terms.reg is terms.fpe and terms.floats()["reg"] == terms.floats()["fpe"]  # the alias
+    torch.testing.assert_close(terms.reg, (w * r.pow(2).sum(-1)).mean(), rtol=1e-10, atol=0)  # float64 round-off
 
     # the FPE term alone has a nonzero parameter gradient (create_graph=True reached the weights)
-    grads = torch.autograd.grad(terms.fpe, list(model.parameters()), allow_unused=True)
+    grads = torch.autograd.grad(terms.reg, list(model.parameters()), allow_unused=True)
     assert any(gr is not None and gr.abs().sum() > 0 for gr in grads)
 
 
@@ -139,7 +131,7 @@ def test_plain_dsm_and_lam_zero_report_zero_fpe():
     x0 = torch.randn(32, 2, dtype=torch.float64)
     for reg in (None, FPERegularizer(lam=0.0)):
         terms = ScoreFPELoss(sde=sde, regularizer=reg)(model, x0, torch.Generator().manual_seed(0))
-        assert terms.fpe.item() == 0.0 and torch.equal(terms.total, terms.dsm)
+        assert terms.reg.item() == 0.0 and torch.equal(terms.total, terms.dsm)
 
 
 def test_jet_residual_path_gives_the_same_loss():
@@ -150,7 +142,7 @@ def test_jet_residual_path_gives_the_same_loss():
     fast = ScoreFPELoss(sde=sde, regularizer=FPERegularizer(lam=1.0, residual=jet.jet_score_fpe_residual))(
         model, x0, torch.Generator().manual_seed(6)
     )
-    torch.testing.assert_close(fast.fpe, generic.fpe, rtol=1e-9, atol=0)  # float64 round-off of two derivative orders
+    torch.testing.assert_close(fast.reg, generic.reg, rtol=1e-9, atol=0)  # float64 round-off of two derivative orders
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)

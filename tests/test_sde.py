@@ -100,8 +100,8 @@ def test_scalar_time_and_prior(sde):
     assert sde.marginal(1.0)[1].item() == pytest.approx(sde.prior_std(), rel=1e-3)
 
 
-@pytest.mark.parametrize(("sde", "needle"), zip(SDES, ["VE SDE: dx = g(t) dw", "VP SDE: dx = −½ beta(t) x dt",
-                                                       "sub-VP SDE"]), ids=IDS)
+@pytest.mark.parametrize(("sde", "needle"), list(zip(SDES, ["VE SDE: dx = g(t) dw", "VP SDE: dx = −½ beta(t) x dt",
+                                                       "sub-VP SDE"], strict=True)), ids=IDS)
 def test_prints_its_equation(sde, needle):
     assert needle in str(sde) and "x_t|x_0 ~ N(" in str(sde)
 

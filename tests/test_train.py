@@ -17,7 +17,8 @@ from fpe_lab.checkpoint import (
 )
 from fpe_lab.fpe import Hutchinson
 from fpe_lab.gmm import GaussianMixture
-from fpe_lab.losses import FPERegularizer, LossTerms, ScoreFPELoss
+from fpe_lab.losses import LossTerms, ScoreFPELoss
+from fpe_lab.regularizers import FPERegularizer
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import VESDE, VPSDE
@@ -117,7 +118,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def broken(model, x0, g):
         terms = base(model, x0, g)
         if broken.calls == 6:  # the 7th step's loss is NaN
-            terms = LossTerms(total=terms.total * float("nan"), dsm=terms.dsm * float("nan"), fpe=terms.fpe)
+            terms = LossTerms(total=terms.total * float("nan"), dsm=terms.dsm * float("nan"), reg=terms.reg)
         broken.calls += 1
         return terms
 
@@ -143,7 +144,7 @@ def test_nonfinite_gradient_with_finite_loss_is_caught(tmp_path):
         terms = base(model, x0, g)
         p = next(model.parameters())
         kink = torch.sqrt((p - p.detach()).pow(2).sum())  # value 0, gradient 0/0 = NaN
-        return LossTerms(total=terms.total + kink, dsm=terms.dsm, fpe=terms.fpe)
+        return LossTerms(total=terms.total + kink, dsm=terms.dsm, reg=terms.reg)
 
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -238,3 +239,57 @@ def test_cuda_training_checkpoints_and_resumes(tmp_path):
     resumed = train(_model(seed=5), _loss(), _sampler, opts, device="cuda", run_dir=tmp_path, resume=True)
     assert resumed.step == 6 and resumed.resumed_from == 6
 
+
+
+class _DropoutNet(nn.Module):
+    """A small point network with dropout: its masks come from the global torch RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 32)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(32, 2)
+
+    def forward(self, x, t):
+        return self.out(self.drop(torch.tanh(self.inp(torch.cat([x, t[:, None]], -1)))))
+
+
+def _dropout_model() -> ScoreModel:
+    torch.manual_seed(0)
+    return ScoreModel(_DropoutNet().double(), VPSDE())
+
+
+def test_dropout_is_seeded_by_the_run_and_resumes_bitwise(tmp_path):
+    """Dropout draws from the global RNG: the run seeds it (the caller's state neither matters nor changes),
+    and the checkpoint carries it, so identical runs and a resumed run equal an uninterrupted one."""
+    opts, loss = _opts(), _loss(lam=0.0)
+    for name in ("a", "b", "cut"):
+        (tmp_path / name).mkdir()
+    model = _dropout_model()
+    torch.manual_seed(123)
+    caller = torch.get_rng_state()
+    a = train(model, loss, _sampler, opts, run_dir=tmp_path / "a")
+    assert torch.equal(torch.get_rng_state(), caller)  # training leaves the caller's global RNG as it was
+    model = _dropout_model()
+    torch.manual_seed(456)  # another global state before the run: it must not matter
+    b = train(model, loss, _sampler, opts, run_dir=tmp_path / "b")
+    _assert_same(_state(a), _state(b))
+    sa, sb = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME), load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
+    assert "torch" in sa["rng"]
+    _assert_same(sa["rng"], sb["rng"])  # the whole checkpoint, RNG states included
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(record):
+        if record["step"] == 6:  # after the checkpoint at step 4
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(_dropout_model(), loss, _sampler, opts, run_dir=tmp_path / "cut", on_step=kill_at_6)
+    model = _dropout_model()
+    torch.manual_seed(789)
+    resumed = train(model, loss, _sampler, opts, run_dir=tmp_path / "cut", resume=True)
+    assert resumed.resumed_from == 4
+    _assert_same(_state(a), _state(resumed))
+    _assert_same(sa["rng"], load_checkpoint(tmp_path / "cut" / CHECKPOINT_NAME)["rng"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fpe_lab import runs
-from fpe_lab.config import DeviceChoice, RegKind, RunConfig, SDEKind, toy2d
+from fpe_lab.config import DeviceChoice, RunConfig, SDEKind, toy2d
 
 TIMES = (0.05, 0.2, 0.5, 1.0)
 TINY = {
@@ -33,7 +33,7 @@ TINY = {
 
 def tiny_config(lam: float = 0.1, seed: int = 0, sde: SDEKind = SDEKind.VP) -> RunConfig:
     """The toy2d preset shrunk to seconds: DSM for ``lam == 0``, DSM + lam · score-FPE residual otherwise."""
-    reg = RegKind.NONE if lam == 0 else RegKind.FPE
+    reg = "none" if lam == 0 else "fpe"
     return toy2d().override({**TINY, ("loss", "reg", "kind"): reg, ("loss", "reg", "lam"): lam, ("seed",): seed,
                              ("sde", "kind"): sde})
 
