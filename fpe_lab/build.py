@@ -8,13 +8,13 @@ evaluator and the run folders take these objects and never look at the configura
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fpe_lab import regularizers
+from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fpe_lab.config import Dataset, DeviceChoice, RunConfig, SDEConfig, SDEKind
 from fpe_lab.losses import ScoreFPELoss
 from fpe_lab.model import ScoreModel
@@ -51,6 +51,7 @@ def _load_images(config: RunConfig, split):
 
     match config.data.name:
         case Dataset.CIFAR10:
+            assert config.data.data_dir is not None  # RunConfig requires it for cifar10
             data = load_cifar10(config.data.data_dir, split)
         case Dataset.DIGITS:
             data = load_digits(split)
@@ -108,8 +109,11 @@ def build_model(config: RunConfig, sde: LinearSDE, dtype: torch.dtype = torch.fl
 
             c, h, w = config.data.name.shape
             unet = UNetConfig.preset(m.unet, in_channels=c, image_size=h, dropout=m.dropout)
-            changes = {k: v for k, v in (("channels", m.width), ("num_res_blocks", m.depth)) if v is not None}
-            net = UNet(dataclasses.replace(unet, **changes) if changes else unet)
+            if m.width is not None:
+                unet = dataclasses.replace(unet, channels=m.width)
+            if m.depth is not None:
+                unet = dataclasses.replace(unet, num_res_blocks=m.depth)
+            net: torch.nn.Module = UNet(unet)
         else:
             from fpe_lab.nets.mlp import TimeMLP
 
@@ -138,7 +142,8 @@ def init_weights(model: ScoreModel, config: RunConfig) -> None:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
-        raise ValueError(f"--init-from {text}: no checkpoint there (expected a run folder with {CHECKPOINT_NAME} or a file)")
+        raise ValueError(f"--init-from {text}: no checkpoint there (expected a run folder with {CHECKPOINT_NAME} "
+                         "or a file)")
     state = load_checkpoint(path)
     key = config.optim.init_weights.value
     sd = state.get(key) if isinstance(state, dict) else None

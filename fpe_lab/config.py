@@ -29,8 +29,9 @@ import hashlib
 import json
 import math
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from fpe_lab import regularizers
 from fpe_lab.checks import check_float as _check_float
@@ -40,7 +41,7 @@ from fpe_lab.losses import DSMWeighting
 from fpe_lab.metrics.evaluate import DEFAULT_TIMES
 from fpe_lab.nets.unet import UNetSize
 from fpe_lab.regularizers.fpe import FPEOptions, ResidualPath
-from fpe_lab.settings import Section, convert, plain, section, setting, strip_optional
+from fpe_lab.settings import Section, convert, plain, section, setting
 from fpe_lab.time_sampling import TimeSampling
 
 __all__ = [
@@ -241,7 +242,8 @@ class RegConfig(Section):
                                          "DSM: exact or hutchinson")
     probes: int = setting(1, "Hutchinson probes per sample")
     probe: Probe = setting(Probe.RADEMACHER, "Hutchinson probe distribution")
-    options: Section | None = field(default=None, metadata={"options": True, "help": "the active regularizer's options"})
+    options: Section | None = field(default=None,
+                                    metadata={"options": True, "help": "the active regularizer's options"})
 
     def __post_init__(self) -> None:
         self._check_enums()
@@ -364,7 +366,8 @@ class EvalConfig(Section):
     repeats: int = setting(1, "repeats of the NLL points (dequantization and probes redrawn)", flag="eval-repeats")
     batch: int = setting(256, "points per chunk of the image evaluation", flag="eval-batch")
     probes: int = setting(2, "Hutchinson probes per point where D is large", flag="eval-probes")
-    seed: int | None = setting(None, "seed of the evaluation's draws (none: derived from the run's seed)", flag="eval-seed")
+    seed: int | None = setting(None, "seed of the evaluation's draws (none: derived from the run's seed)",
+                               flag="eval-seed")
 
     def __post_init__(self) -> None:
         self._check_enums()
@@ -546,7 +549,8 @@ def leaves(cls: type = RunConfig, prefix: tuple[str, ...] = ()) -> Iterator[Leaf
                     yield dataclasses.replace(leaf, flag=flag, help=f"{name}: {leaf.help}")
         else:
             flag = f.metadata.get("flag") or f.name.replace("_", "-")
-            yield Leaf(prefix + (f.name,), flag, hints[f.name], f.metadata.get("help", ""), f.metadata.get("repeat", False))
+            yield Leaf(prefix + (f.name,), flag, hints[f.name], f.metadata.get("help", ""),
+                       f.metadata.get("repeat", False))
 
 
 # ---------------------------------------------------------------------- presets

@@ -32,8 +32,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.func import jvp
@@ -72,7 +72,9 @@ __all__ = [
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool = True, retain_graph: bool | None = None) -> torch.Tensor:
+def _grad(
+    out: torch.Tensor, x: torch.Tensor, create_graph: bool = True, retain_graph: bool | None = None
+) -> torch.Tensor:
     """∂(Σ_b out_b)/∂x, zero where out does not depend on x."""
     if not out.requires_grad:
         return torch.zeros_like(x)
@@ -177,7 +179,7 @@ class ForwardModeDt:
 
     def __call__(self, score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s(x, t), ∂_t s(x, t)), each of the shape of x."""
-        s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))
+        s, dt_s = jvp(lambda tt: score_fn(x, tt), (t,), (torch.ones_like(t),))  # type: ignore[misc]
         return check_score(s, x), dt_s
 
     def __repr__(self) -> str:
@@ -273,7 +275,7 @@ class ScoreFPETerms:
         """
         half_g2 = append_dims(0.5 * self.g2, self.s.ndim)
         parts = (self.dt_s, half_g2 * self.grad_div_s, half_g2 * self.grad_sq_norm_s, self.grad_f_dot_s)
-        return torch.sqrt(sum(p.reshape(p.shape[0], -1).pow(2).sum(-1) for p in parts))
+        return torch.sqrt(torch.stack([p.reshape(p.shape[0], -1).pow(2).sum(-1) for p in parts]).sum(0))
 
 
 def score_fpe_terms(
@@ -384,7 +386,8 @@ def residual_sq(
     (the gradient of the UNBIASED estimate is an unbiased estimate of ∇_θ ‖R‖²).
     """
     if not isinstance(estimator, ResidualEstimator):
-        raise ValueError(f"estimator must be a fpe_lab.fpe.ResidualEstimator ({list(ResidualEstimator)}); got {estimator!r}")
+        raise ValueError(f"estimator must be a fpe_lab.fpe.ResidualEstimator ({list(ResidualEstimator)}); "
+                         f"got {estimator!r}")
     two = estimator is ResidualEstimator.UNBIASED and not _is_deterministic(divergence)
     div_est = divergence or ExactDivergence()
     x, t = _leaves(x, t)
@@ -489,7 +492,9 @@ def jvp_x(score_fn: ScoreFn, x: torch.Tensor, t: torch.Tensor, v: torch.Tensor) 
     """(s(x, t), J v) by one forward-mode JVP along x + τ v at τ = 0, J = ∂s/∂x; both differentiable in
     the parameters, s also in x (x is closed over, as in :class:`ForwardModeDt`)."""
     tau = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    return jvp(lambda tt: score_fn(x + append_dims(tt, x.ndim) * v, t), (tau,), (torch.ones_like(tau),))
+    along = lambda tt: score_fn(x + append_dims(tt, x.ndim) * v, t)  # noqa: E731
+    s, jv = jvp(along, (tau,), (torch.ones_like(tau),))  # type: ignore[misc]
+    return s, jv
 
 
 def jacobian_of(s: torch.Tensor, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:

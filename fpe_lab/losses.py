@@ -145,7 +145,8 @@ class ScoreFPELoss:
                 pen = reg(score_fn, self.sde, x0, t, z, generator)
             if not isinstance(pen, torch.Tensor) or pen.ndim != 1 or not 1 <= pen.shape[0] <= x0.shape[0]:
                 got = tuple(pen.shape) if isinstance(pen, torch.Tensor) else type(pen).__name__
-                raise ValueError(f"regularizer must return a per-sample penalty of shape (m,), 1 <= m <= {x0.shape[0]}; got {got}")
+                raise ValueError("regularizer must return a per-sample penalty of shape (m,), "
+                                 f"1 <= m <= {x0.shape[0]}; got {got}")
         if s is None:
             s = score_fn(self.sde.perturb(x0, t, z), t)
         dsm = (weight * _dsm_from_score(s, self.sde, t, z, self.weighting)).mean()
@@ -153,4 +154,5 @@ class ScoreFPELoss:
             zero = torch.zeros((), dtype=dsm.dtype, device=dsm.device)
             return LossTerms(total=dsm, dsm=dsm, reg=zero)
         reg_term = (weight[: pen.shape[0]] * pen).mean()
+        assert reg is not None  # pen is computed only with a regularizer
         return LossTerms(total=dsm + reg.lam * reg_term, dsm=dsm, reg=reg_term)

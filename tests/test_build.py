@@ -8,11 +8,11 @@ import torch
 from fpe_lab import build
 from fpe_lab.config import SDEConfig, SDEKind, digits, toy2d
 from fpe_lab.fpe import Hutchinson
+from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.nets.unet import UNet
 from fpe_lab.regularizers.conservative import ConservativeRegularizer
 from fpe_lab.regularizers.fpe import FPERegularizer
 from fpe_lab.regularizers.hodsm import HODSMRegularizer
-from fpe_lab.nets.mlp import TimeMLP
-from fpe_lab.nets.unet import UNet
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
 
 

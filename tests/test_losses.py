@@ -10,9 +10,9 @@ import torch
 from fpe_lab.fpe import score_fpe_residual, score_fpe_terms
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.losses import DSMWeighting, ScoreFPELoss, dsm_loss
-from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
 
 SDES = [VESDE(), VPSDE(), SubVPSDE()]

@@ -9,19 +9,18 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from fpe_lab.fpe import Hutchinson, Probe, score_fpe_residual
+from fpe_lab.fpe import Hutchinson, Probe, ResidualEstimator, score_fpe_residual
 from fpe_lab.gmm import GaussianMixture
-from fpe_lab.fpe import ResidualEstimator
-from fpe_lab.losses import DSMWeighting, LossTerms, ScoreFPELoss, dsm_loss
+from fpe_lab.losses import DSMWeighting, ScoreFPELoss, dsm_loss
+from fpe_lab.model import ScoreModel
+from fpe_lab.nets.jet import jet_score_fpe_residual
+from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.regularizers.base import Regularizer
 from fpe_lab.regularizers.conservative import ConservativeRegularizer, ConservativeWeighting
 from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.regularizers.hodsm import HODSMRegularizer
-from fpe_lab.time_sampling import TimeSampling, importance_time_density
-from fpe_lab.model import ScoreModel
-from fpe_lab.nets.jet import jet_score_fpe_residual
-from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
+from fpe_lab.time_sampling import TimeSampling, importance_time_density
 
 SDES = [VESDE(), VPSDE(), SubVPSDE()]
 IDS = ["ve", "vp", "subvp"]

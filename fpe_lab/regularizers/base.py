@@ -17,6 +17,7 @@ Built-ins are listed in :data:`fpe_lab.regularizers.BUILTINS`; a user's module e
 from __future__ import annotations
 
 import abc
+import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -67,7 +68,8 @@ class Regularizer(abc.ABC):
         shared settings: n_points, divergence, probes, probe), ``options`` this class's ``Options``,
         ``lam`` the weight (already divided by D under ``per_dim``)."""
 
-    @classmethod
+    # an optional hook, not abstract: most regularizers have nothing to check
+    @classmethod  # noqa: B027
     def check(cls, config: RunConfig, options: Any) -> None:
         """ValueError when ``options`` cannot serve this run (e.g. a path that needs point data); called
         when the configuration is built, before any work. Default: nothing to check."""
@@ -125,7 +127,7 @@ def check_probes(probes: int | None) -> None:
         raise ValueError(f"probes must be None (exact Jacobian) or an int >= 1; got {probes!r}")
 
 
-def check_enum(value: Any, kind: type, name: str) -> None:
+def check_enum(value: Any, kind: type[enum.Enum], name: str) -> None:
     if not isinstance(value, kind):
         raise ValueError(f"{name} must be a {kind.__name__} ({[v.value for v in kind]}); got {value!r}")
 

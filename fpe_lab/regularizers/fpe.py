@@ -153,7 +153,7 @@ class FPEOptions(Section):
             raise ValueError(f"fpe fd_step must be a number in (0, 0.5); got {self.fd_step!r}")
 
 
-def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False, time_derivative=None):  # type: ignore[no-untyped-def]
+def _fp32_residual(score_fn, sde, x, t, divergence=None, create_graph=False, time_derivative=None):
     """score_fpe_residual with autocast disabled: the residual's derivatives in fp32 under bf16 training."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         return score_fpe_residual(score_fn, sde, x.float(), t.float(), divergence=divergence,
@@ -203,7 +203,8 @@ class FPERegularizer(Regularizer):
         check_n_points(self.n_points)
         check_enum(self.estimator, ResidualEstimator, "estimator")
         if not callable(self.residual):
-            raise ValueError(f"residual must be a residual function (fpe_lab.fpe.score_fpe_residual); got {self.residual!r}")
+            raise ValueError("residual must be a residual function (fpe_lab.fpe.score_fpe_residual); "
+                             f"got {self.residual!r}")
 
     @classmethod
     def from_config(cls, config: RunConfig, options: FPEOptions, lam: float) -> FPERegularizer:
@@ -230,7 +231,8 @@ class FPERegularizer(Regularizer):
         reg = config.loss.reg
         if reg.divergence.value != "exact" or options.dt is not TimeDerivativeKind.JVP:
             raise ValueError("fpe residual_path jet computes the exact divergence and ∂_t by forward mode; got "
-                             f"divergence {reg.divergence.value}, dt {options.dt.value}: use --fpe-residual-path generic")
+                             f"divergence {reg.divergence.value}, dt {options.dt.value}: "
+                             "use --fpe-residual-path generic")
         if config.data.name.is_image:
             raise ValueError(f"fpe residual_path jet needs the MLP of point data; data {config.data.name.value} "
                              "uses the U-Net: use --fpe-residual-path generic")
@@ -287,7 +289,12 @@ class FPERegularizer(Regularizer):
         return w * dot(r, r2), s
 
     def penalty_at(
-        self, score_fn: ScoreFn, sde: LinearSDE, x: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        score_fn: ScoreFn,
+        sde: LinearSDE,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """w(t) ‖R_θ(x, t)‖² (or the ``estimator``'s form) per sample, shape (b,), at given points x of
         shape (b, *dims) and t of shape (b,); probes of a generator-less Hutchinson from ``generator``."""
