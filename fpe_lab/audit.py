@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from fpe_lab.progress import progress_bar as tqdm
 
-from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, ScoreFPETerms, eval_mode, jacobian_asymmetry_sq, score_fpe_terms
+from fpe_lab.fpe import Estimate, ScoreFn, eval_mode
+from fpe_lab.metrics.per_time import per_time_samples
+from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.sde import LinearSDE
-from fpe_lab.shapes import append_dims
 
 __all__ = ["AuditReport", "audit", "default_times", "report_figure", "DEFAULT_EPS", "EXACT_MAX_DIM"]
 
@@ -54,7 +55,8 @@ _SERIES = ("times", "residual", "residual_se", "residual_rel", "residual_rel_se"
            "asymmetry", "asymmetry_se", "dsm", "dsm_se")
 
 
-_NAMES = {"res": "residual ‖R‖²", "scale": "term size S²", "asym": "‖J − Jᵀ‖²", "jsq": "‖J‖²", "dsm": "DSM loss"}
+_NAMES = {"res": "residual ‖R‖²", "scale": "term size S²", "asym": "‖J − Jᵀ‖²", "jsq": "‖J‖²", "dsm": "DSM loss",
+          "curl": "curl"}
 
 
 def default_times(eps: float = DEFAULT_EPS, n: int = 8) -> tuple[float, ...]:
@@ -105,7 +107,8 @@ class AuditReport:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}")
-        if self.probes is not None and (isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1):
+        if self.probes is not None and (isinstance(self.probes, bool) or not isinstance(self.probes, int)
+                                        or self.probes < 1):
             raise ValueError(f"probes must be None (exact) or an int >= 1; got {self.probes!r}")
         if not isinstance(self.sde, str):
             raise ValueError(f"sde must be a string (the SDE's equation); got {type(self.sde).__name__}")
@@ -137,13 +140,15 @@ class AuditReport:
 
     def summary(self) -> str:
         """A one-screen table: one row per time."""
-        how = "exact divergence and Jacobian" if self.probes is None else f"Hutchinson, {self.probes} Rademacher probes per estimate"
+        how = ("exact divergence and Jacobian" if self.probes is None
+               else f"Hutchinson, {self.probes} Rademacher probes per estimate")
         lines = [f"score-FPE audit: D = {self.dim}, {self.points} points per time, {how}",
                  f"  {self.sde}",
                  f"{'t':>9} {'E‖R‖²':>22} {'rel to terms':>20} {'asym ‖J−Jᵀ‖²/‖J‖²':>22} {'DSM E‖σs+z‖²':>22}"]
         for i, t in enumerate(self.times):
             lines.append(
-                f"{t:9.3g} {_pm(self.residual[i], self.residual_se[i]):>22} {_pm(self.residual_rel[i], self.residual_rel_se[i]):>20} "
+                f"{t:9.3g} {_pm(self.residual[i], self.residual_se[i]):>22} "
+                f"{_pm(self.residual_rel[i], self.residual_rel_se[i]):>20} "
                 f"{_pm(self.asymmetry[i], self.asymmetry_se[i]):>22} {_pm(self.dsm[i], self.dsm_se[i]):>22}"
             )
         return "\n".join(lines)
@@ -154,67 +159,10 @@ def _pm(v: float, se: float) -> str:
 
 
 # ---------------------------------------------------------------------- estimation
-def _flat_sq(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float64).reshape(v.shape[0], -1).pow(2).sum(-1)
-
-
-def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.to(torch.float64).reshape(a.shape[0], -1) * b.to(torch.float64).reshape(b.shape[0], -1)).sum(-1)
-
-
-def _scale_sq(t1: ScoreFPETerms, t2: ScoreFPETerms) -> torch.Tensor:
-    """S² with ‖½g²∇(∇·s)‖² as ⟨½g²∇∇̂₁·s, ½g²∇∇̂₂·s⟩ (= ScoreFPETerms.scale² when t1 is t2)."""
-    half_g2 = append_dims(0.5 * t1.g2, t1.s.ndim)
-    return (_flat_sq(t1.dt_s) + _flat_dot(half_g2 * t1.grad_div_s, half_g2 * t2.grad_div_s)
-            + _flat_sq(half_g2 * t1.grad_sq_norm_s) + _flat_sq(t1.grad_f_dot_s))
-
-
-def _mean_se(v: torch.Tensor) -> tuple[float, float]:
-    return float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
-
-
-def _ratio_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """r = mean(a)/mean(b) and its delta-method standard error sqrt(Var(a − r b)/n)/mean(b)."""
-    mb = float(b.mean())
-    if not mb > 0:
-        raise ValueError(f"the denominator mean must be positive for a ratio; got {mb!r} (a constant score?)")
-    r = float(a.mean()) / mb
-    return r, float((a - r * b).std() / math.sqrt(a.numel())) / mb if a.numel() > 1 else 0.0
-
-
 def _check_int(v: Any, name: str, lo: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
     return v
-
-
-def _per_time(score_fn: ScoreFn, sde: LinearSDE, x0: torch.Tensor, t: float, exact: bool, probes: int,
-              batch_size: int, generator: torch.Generator, bar) -> dict[str, torch.Tensor]:
-    parts: dict[str, list[torch.Tensor]] = {}
-    for x0c in x0.split(batch_size):
-        tb = torch.full((x0c.shape[0],), t, dtype=x0c.dtype, device=x0c.device)
-        alpha, sigma = sde.marginal(tb)
-        z = torch.randn(x0c.shape, generator=generator, dtype=torch.float64, device=generator.device)
-        z = z.to(device=x0c.device, dtype=x0c.dtype)
-        xt = append_dims(alpha, x0c.ndim) * x0c + append_dims(sigma, x0c.ndim) * z
-        if exact:
-            t1 = t2 = score_fpe_terms(score_fn, sde, xt, tb)
-        else:
-            hutch = Hutchinson(probes, Probe.RADEMACHER, generator=generator)
-            t1 = score_fpe_terms(score_fn, sde, xt, tb, divergence=hutch)
-            t2 = score_fpe_terms(score_fn, sde, xt, tb, divergence=hutch)  # the next, independent probe set
-        asym, jsq = jacobian_asymmetry_sq(score_fn, xt, tb, probes=None if exact else probes, generator=generator)
-        new = {
-            "res": _flat_dot(t1.residual, t2.residual),
-            "scale": _scale_sq(t1, t2),
-            "asym": asym.to(torch.float64),
-            "jsq": jsq.to(torch.float64),
-            "dsm": _flat_sq(append_dims(sigma, t1.s.ndim) * t1.s + z),
-        }
-        for k, v in new.items():
-            parts.setdefault(k, []).append(v.detach().cpu())
-        bar.update(x0c.shape[0])
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def audit(
@@ -276,17 +224,19 @@ def audit(
     series: dict[str, list[float]] = {k: [] for k in _SERIES}
     with eval_mode(score_fn), tqdm(total=len(times) * points, desc="audit", unit="pt", disable=not progress) as bar:
         for t in times:
-            cat = _per_time(score_fn, sde, x0, float(t), exact, probes, batch_size, generator, bar)
-            for k, v in cat.items():
+            samples = per_time_samples(score_fn, sde, x0, float(t), exact=exact, probes=probes,
+                                       batch_size=batch_size, generator=generator, bar=bar)
+            for k, v in samples.items():
                 if not bool(torch.isfinite(v).all()):
-                    raise ValueError(f"score_fn gave a non-finite {_NAMES[k]} at t = {t:g}; the audit needs a finite score "
-                                     "and finite derivatives")
-            res, res_se = _mean_se(cat["res"])
-            rel, rel_se = _ratio_se(cat["res"], cat["scale"])
-            asym, asym_se = _ratio_se(cat["asym"], cat["jsq"])
-            dsm, dsm_se = _mean_se(cat["dsm"])
+                    raise ValueError(f"score_fn gave a non-finite {_NAMES[k]} at t = {t:g}; the audit needs a finite "
+                                     "score and finite derivatives")
+            cat = {k: Estimate(v) for k, v in samples.items()}
+            res, res_se = cat["res"].mean, cat["res"].se
+            rel, rel_se = cat["res"].ratio(cat["scale"])
+            asym, asym_se = cat["asym"].ratio(cat["jsq"])
+            dsm, dsm_se = cat["dsm"].mean, cat["dsm"].se
             for k, v in (("times", float(t)), ("residual", res), ("residual_se", res_se), ("residual_rel", rel),
-                         ("residual_rel_se", rel_se), ("term_scale", float(cat["scale"].mean())),
+                         ("residual_rel_se", rel_se), ("term_scale", cat["scale"].mean),
                          ("asymmetry", asym), ("asymmetry_se", asym_se), ("dsm", dsm), ("dsm_se", dsm_se)):
                 series[k].append(v)
     return AuditReport(**{k: tuple(v) for k, v in series.items()}, dim=dim, points=points,

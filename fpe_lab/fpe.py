@@ -441,6 +441,18 @@ class Estimate:
             return 0.0
         return float(self.values.detach().double().std() / math.sqrt(self.n))
 
+    def ratio(self, other: Estimate) -> tuple[float, float]:
+        """r = mean(self)/mean(other) over paired samples and its delta-method standard error
+        sqrt(Var(a − r b)/n)/mean(b); ValueError unless mean(other) > 0 and the pairs match."""
+        a, b = self.values.detach(), other.values.detach()
+        if a.shape != b.shape:
+            raise ValueError(f"a ratio needs paired samples; got {tuple(a.shape)} and {tuple(b.shape)}")
+        mb = float(b.mean())
+        if not mb > 0:
+            raise ValueError(f"the denominator mean must be positive for a ratio; got {mb!r} (a constant score?)")
+        r = float(a.mean()) / mb
+        return r, (float((a - r * b).std() / math.sqrt(self.n)) / mb if self.n > 1 else 0.0)
+
 
 def log_density_fpe_residual(
     log_prob_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

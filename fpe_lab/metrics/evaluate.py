@@ -6,8 +6,8 @@ on x_t = alpha(t) x_0 + sigma(t) z with held-out x_0 and fresh z ~ N(0, I):
 * the score-FPE residual  E‖R_θ‖²,  R_θ = ∂_t s_θ − ∇[½g² ∇·s_θ + ½g² ‖s_θ‖² − ⟨f, s_θ⟩ − ∇·f],
   with its standard error, and relative to the size of its terms
   E‖R_θ‖² / E[‖∂_t s‖² + ‖½g²∇∇·s‖² + ‖½g²∇‖s‖²‖² + ‖∇⟨f,s⟩‖²]. The divergence is exact for
-  D ≤ :data:`EXACT_MAX_DIM`; above, Hutchinson probes and the unbiased estimate ⟨R̂₁, R̂₂⟩
-  (:func:`fpe_lab.fpe.residual_sq`), since ‖R̂‖² would add the estimator's variance;
+  D ≤ :data:`EXACT_MAX_DIM`; above, Hutchinson probes and unbiased estimates of both the residual and
+  the term scale (two independent probe sets: :mod:`fpe_lab.metrics.per_time`, shared with the audit);
 * the Jacobian asymmetry E‖J − Jᵀ‖²_F / E‖J‖²_F (J = ∂s_θ/∂x; exact, or unbiased Hutchinson
   estimates of both means) with a delta-method standard error, and for D = 2 E|∂_x s_y − ∂_y s_x|;
 * the DSM loss E‖sigma s_θ(x_t, t) + z‖² at that t (the fit, to read the residual against);
@@ -31,19 +31,20 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from fpe_lab.progress import progress_bar as tqdm
 
-from fpe_lab.fpe import Hutchinson, Probe, ScoreFn, jacobian_asymmetry_sq, residual_sq, score_fpe_terms
+from fpe_lab.fpe import Estimate, Hutchinson, Probe, ScoreFn
 from fpe_lab.likelihood import UniformDequantization, dsm_nll_bound, pf_ode_nll
+from fpe_lab.metrics.per_time import per_time_samples
 from fpe_lab.metrics.sample_distance import GaussianKernel, mmd2, noise_floor, sliced_wasserstein
 from fpe_lab.metrics.truth import Truth
+from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.sampling import ODEMethod, pf_ode_sample, reverse_sde_sample
 from fpe_lab.sde import LinearSDE
-from fpe_lab.shapes import append_dims
 
 __all__ = ["evaluate", "EvalReport", "PerTime", "Likelihood", "Distances", "Samples", "DEFAULT_TIMES",
            "EXACT_MAX_DIM"]
@@ -156,7 +157,8 @@ class EvalReport:
             nll = d.get("nll")
             samples = d.get("samples")
             if nll is not None:
-                nll = Likelihood(**{**nll, "model_bits_per_dim_per_repeat": tuple(nll["model_bits_per_dim_per_repeat"])})
+                per_repeat = tuple(nll["model_bits_per_dim_per_repeat"])
+                nll = Likelihood(**{**nll, "model_bits_per_dim_per_repeat": per_repeat})
             if samples is not None:
                 samples = Samples(**{**samples, "sliced_wasserstein": Distances(**samples["sliced_wasserstein"]),
                                      "mmd2": Distances(**samples["mmd2"])})
@@ -186,65 +188,32 @@ def _finite(value: float, what: str) -> float:
 
 
 def _mean_se(v: torch.Tensor) -> tuple[float, float]:
-    v = v.to(torch.float64)
-    return float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
-
-
-def _ratio_se(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """r = mean(a)/mean(b) and its delta-method standard error sqrt(Var(a − r b)/n)/mean(b)."""
-    a, b = a.to(torch.float64), b.to(torch.float64)
-    r = float(a.mean() / b.mean())
-    se = float((a - r * b).std() / math.sqrt(a.numel()) / b.mean()) if a.numel() > 1 else 0.0
-    return r, se
-
-
-def _sq(v: torch.Tensor) -> torch.Tensor:
-    return v.to(torch.float64).reshape(v.shape[0], -1).pow(2).sum(-1)
+    est = Estimate(v)
+    return est.mean, est.se
 
 
 def _per_time(score_fn: ScoreFn, sde: LinearSDE, truth: Truth | None, x0: torch.Tensor, t: float,
               dtype: torch.dtype, generator: torch.Generator, probes: int, batch_size: int) -> dict[str, Any]:
-    """Per-sample quantities at time t over x0 (in chunks), reduced to means and standard errors."""
-    dim = x0[0].numel()
-    exact = dim <= EXACT_MAX_DIM
-    parts: dict[str, list[torch.Tensor]] = {}
-    for x0c in x0.split(batch_size):
-        tb = torch.full((x0c.shape[0],), t, dtype=torch.float64)
-        alpha, sigma = sde.marginal(tb)
-        z = torch.randn(x0c.shape, generator=generator, dtype=torch.float64, device=generator.device).to(x0c.device)
-        xt = (append_dims(alpha.to(x0c.device), x0c.ndim) * x0c + append_dims(sigma.to(x0c.device), x0c.ndim) * z)
-        xd, td = xt.to(dtype), tb.to(dtype=dtype, device=xt.device)
-        hutch = None if exact else Hutchinson(probes, Probe.RADEMACHER, generator=generator)
-        terms = score_fpe_terms(score_fn, sde, xd, td, divergence=hutch)
-        res = _sq(terms.residual) if exact else residual_sq(score_fn, sde, xd, td, divergence=hutch).to(torch.float64)
-        asym, jsq = jacobian_asymmetry_sq(score_fn, xd, td, probes=None if exact else probes, generator=generator)
-        s = terms.s.to(torch.float64)
-        sig = append_dims(sigma.to(s.device), s.ndim)
-        new = {"res": res, "scale": terms.scale.to(torch.float64).pow(2), "asym": asym.to(torch.float64),
-               "jsq": jsq.to(torch.float64), "dsm": _sq(sig * s + z.to(s.device))}
-        if truth is not None:
-            s_true = truth.score(xt.reshape(xt.shape[0], -1).cpu(), t).reshape(xt.shape).to(s.device)
-            new["err"], new["true_sq"] = _sq(s - s_true), _sq(s_true)
-        if dim == 2 and exact:
-            from fpe_lab.fpe import jacobian
-
-            jac = jacobian(score_fn, xd, td).to(torch.float64)
-            new["curl"] = (jac[:, 1, 0] - jac[:, 0, 1]).abs()
-        for k, v in new.items():
-            parts.setdefault(k, []).append(v.detach().cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    """The per-sample quantities at time t (:func:`fpe_lab.metrics.per_time.per_time_samples`), reduced to
+    means and standard errors; the relative residual divides by the unbiased term scale."""
+    samples = per_time_samples(score_fn, sde, x0, t, exact=x0[0].numel() <= EXACT_MAX_DIM, probes=probes,
+                               batch_size=batch_size, generator=generator, dtype=dtype, truth=truth)
+    for k, v in samples.items():
+        if not bool(torch.isfinite(v).all()):
+            raise FloatingPointError(f"evaluate: {k} at t={t:g} is non-finite; the score is unusable there")
+    cat = {k: Estimate(v) for k, v in samples.items()}
     out: dict[str, Any] = {}
-    out["fpe_residual"], out["fpe_residual_se"] = _mean_se(cat["res"])
-    out["fpe_term_scale"] = float(cat["scale"].mean())
-    out["fpe_residual_rel"] = out["fpe_residual"] / out["fpe_term_scale"]
-    out["jacobian_asymmetry_rel"], out["jacobian_asymmetry_rel_se"] = _ratio_se(cat["asym"], cat["jsq"])
-    out["dsm"], out["dsm_se"] = _mean_se(cat["dsm"])
+    out["fpe_residual"], out["fpe_residual_se"] = cat["res"].mean, cat["res"].se
+    out["fpe_term_scale"] = cat["scale"].mean
+    out["fpe_residual_rel"] = cat["res"].ratio(cat["scale"])[0]
+    out["jacobian_asymmetry_rel"], out["jacobian_asymmetry_rel_se"] = cat["asym"].ratio(cat["jsq"])
+    out["dsm"], out["dsm_se"] = cat["dsm"].mean, cat["dsm"].se
     if "err" in cat:
-        out["score_error"] = float(cat["err"].mean())
-        out["true_score_sq_norm"] = float(cat["true_sq"].mean())
-        out["score_error_rel"] = out["score_error"] / out["true_score_sq_norm"]
+        out["score_error"] = cat["err"].mean
+        out["true_score_sq_norm"] = cat["true_sq"].mean
+        out["score_error_rel"] = cat["err"].ratio(cat["true_sq"])[0]
     if "curl" in cat:
-        out["curl_abs"] = float(cat["curl"].mean())
+        out["curl_abs"] = cat["curl"].mean
     return {k: _finite(v, f"{k} at t={t:g}") for k, v in out.items()}
 
 
@@ -367,7 +336,8 @@ def evaluate(
         bar.set_postfix_str("reverse-SDE samples")
         shape = (n_samples, *draw(1).shape[1:])
         x_T = sde.prior_sample(shape, generator=generator, dtype=dtype).to(device)
-        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator, progress=progress)
+        x_sde = reverse_sde_sample(score_fn, sde, x_T, n_steps=sde_steps, eps=eps, generator=generator,
+                                   progress=progress)
         bar.update()
         bar.set_postfix_str("PF-ODE samples")
         ode = pf_ode_sample(score_fn, sde, x_T, eps=eps, method=ode_method, rtol=sample_rtol, atol=sample_rtol,
@@ -379,7 +349,8 @@ def evaluate(
         floor_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         dists = {}
         for name, dist in (("sliced_wasserstein", sw), ("mmd2", mmd)):
-            floor = noise_floor(lambda n, g: draw(n, g).cpu(), n_samples, dist, repeats=floor_repeats, generator=floor_gen)
+            floor = noise_floor(lambda n, g: draw(n, g).cpu(), n_samples, dist, repeats=floor_repeats,
+                                generator=floor_gen)
             dists[name] = Distances(sde_vs_data=_finite(dist(x_sde, held_out), f"{name} sde_vs_data"),
                                     ode_vs_data=_finite(dist(x_ode, held_out), f"{name} ode_vs_data"),
                                     ode_vs_sde=_finite(dist(x_ode, x_sde), f"{name} ode_vs_sde"),
@@ -390,7 +361,8 @@ def evaluate(
 
     settings = {
         "n_points": n_points, "eps": eps, "sde": str(sde), "truth": repr(truth) if truth is not None else None,
-        "dtype": str(dtype).removeprefix("torch."), "divergence": "exact" if dim <= EXACT_MAX_DIM else f"hutchinson({probes})",
+        "dtype": str(dtype).removeprefix("torch."),
+        "divergence": "exact" if dim <= EXACT_MAX_DIM else f"hutchinson({probes})",
         "n_projections": n_projections, "kernel_bandwidths": list(kernel.bandwidths), "floor_repeats": floor_repeats,
         "ode_method": ode_method.value, "sample_rtol": sample_rtol,
     }
@@ -404,11 +376,11 @@ def _likelihood(score_fn, sde, x0, truth, eps, rtol, repeats, dequantization, me
                 batch_size, dim) -> Likelihood:
     exact = dim <= EXACT_MAX_DIM
     runs, bpd, per_repeat, nfe, div_name = [], [], [], 0, "exact"
-    for r in range(repeats):
+    for _ in range(repeats):
         gen = torch.Generator(device=x0.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         divergence = None if exact else Hutchinson(1, Probe.RADEMACHER, generator=gen)
-        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=method, rtol=rtol, atol=rtol, divergence=divergence,
-                         dequantization=dequantization, generator=gen, batch_size=batch_size)
+        res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=method, rtol=rtol, atol=rtol,
+                         divergence=divergence, dequantization=dequantization, generator=gen, batch_size=batch_size)
         nats = res.nats.to(torch.float64).cpu()
         runs.append(nats)
         bpd.append(res.bits_per_dim.to(torch.float64).cpu())

@@ -92,9 +92,13 @@ def test_image_shaped_exact_score_reads_zero_within_its_standard_error():
     report = evaluate(data.score_fn(sde), sde, data, None, **quick(n_points=64, batch_size=32))
     pt = report.per_time
     assert report.settings["divergence"] == "hutchinson(2)" and report.dim == d
-    for r, se, scale in zip(pt.fpe_residual, pt.fpe_residual_se, pt.fpe_term_scale):
-        # a spread far above float64 round-off of ‖R‖² (~1e-32 · scale), and 0 within 3 standard errors
-        assert se > 1e-20 * scale and abs(r) < 3 * se
+    for t, r, se, scale in zip(report.times, pt.fpe_residual, pt.fpe_residual_se, pt.fpe_term_scale, strict=True):
+        # 0 within 3 standard errors (CLT), plus the float64 round-off of terms that cancel: |R| ≲ 1e-9·S, i.e.
+        # ‖R‖² ≲ 1e-18·S² (measured 4e-21·S² at t = 0.1, where the separated components make J locally
+        # constant, so the probes add no spread and only round-off is left)
+        assert abs(r) < 3 * se + 1e-18 * scale
+        if t >= 0.5:  # overlapping components: the probes' spread is far above round-off, so the test has power
+            assert se > 1e-12 * scale
     # the exact score is a gradient field: (J − Jᵀ)v = 0 per probe, so the estimate is 0 to round-off
     assert max(pt.jacobian_asymmetry_rel) < 1e-20
     assert pt.score_error is None and report.nll is None
