@@ -27,8 +27,8 @@ imports ``fpe_lab``. Run ``python -m analytic.gmm_terms`` to print the derivatio
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import sympy as sp
@@ -83,7 +83,7 @@ class LogDerivativeTerms:
     keys: tuple[tuple[int, ...], ...]  # the partial derivatives of p they need
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def log_derivative_terms(dim: int) -> LogDerivativeTerms:
     """Every term for p = p(x_0..x_{D-1}, t) undefined, with drift f = a x (a independent of x)."""
     _check_dim(dim)
@@ -117,7 +117,8 @@ def log_derivative_terms(dim: int) -> LogDerivativeTerms:
             key = tuple(sum(n for v, n in d.variable_count if v == var) for var in variables)
             replace[d] = sp.Symbol(_key_name(key), real=True)
     replace[p] = sp.Symbol(_key_name((0,) * (dim + 1)), real=True)
-    terms = {k: ([e.xreplace(replace) for e in v] if isinstance(v, list) else v.xreplace(replace)) for k, v in terms.items()}
+    terms = {k: ([e.xreplace(replace) for e in v] if isinstance(v, list) else v.xreplace(replace))
+             for k, v in terms.items()}
     keys = tuple(sorted({tuple(int(n) for n in sym.name[2:].split("_")) for sym in replace.values()}))
     return LogDerivativeTerms(dim, terms, keys)
 
@@ -134,7 +135,7 @@ def _check_dim(dim: int) -> None:
         raise ValueError(f"dim must be an int in [1, 3] (symbolic mixtures stay small); got {dim!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stage1_fn(dim: int) -> tuple[Callable, tuple[tuple[int, ...], ...], tuple[str, ...]]:
     ld = log_derivative_terms(dim)
     names = tuple(k for k in ld.terms)
@@ -156,7 +157,7 @@ def _upper(m: sp.Matrix) -> list[sp.Expr]:
     return [m[i, j] for i in range(m.shape[0]) for j in range(i, m.shape[0])]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stage2_fn(dim: int) -> Callable:
     """(x, mu, P, l, mu', P', l') ↦ [exponent, ∂^key c for every stage-1 key] for one component."""
     x = _xs(dim)
@@ -181,7 +182,7 @@ def _stage2_fn(dim: int) -> Callable:
 
 
 # ----------------------------------------------------------------------------- stage 3
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stage3_fn(dim: int) -> Callable:
     """(alpha, sigma, alpha', sigma', w, m, S) ↦ (mu, P, l, mu', P', l') of one component of p_t."""
     alpha, sigma, alpha_dot, sigma_dot = sp.symbols("alpha sigma alpha_dot sigma_dot", real=True)
@@ -194,7 +195,8 @@ def _stage3_fn(dim: int) -> Callable:
     ell = sp.log(w) - sp.log(det) / 2 - sp.Rational(dim, 2) * sp.log(2 * sp.pi)
     values = [*(alpha * m), *_upper(prec), ell]
     dots = [sp.diff(v, alpha) * alpha_dot + sp.diff(v, sigma) * sigma_dot for v in values]
-    return sp.lambdify([alpha, sigma, alpha_dot, sigma_dot, w, *m, *_upper(cov0)], values + dots, modules="numpy", cse=True)
+    return sp.lambdify([alpha, sigma, alpha_dot, sigma_dot, w, *m, *_upper(cov0)], values + dots, modules="numpy",
+                       cse=True)
 
 
 # ----------------------------------------------------------------------------- numeric driver

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mpmath
 import numpy as np
@@ -78,7 +78,7 @@ def _beta() -> tuple[sp.Expr, sp.Expr]:
     return beta, sp.integrate(beta.subs(t, u), (u, 0, t))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def derive(kind: Kind) -> Moments:
     """Solve the moment ODEs of ``kind`` with ``sympy.dsolve`` (cached; about a second each)."""
     if not isinstance(kind, Kind):
@@ -107,7 +107,7 @@ def derive(kind: Kind) -> Moments:
     return Moments(kind, a, g2, sp.simplify(alpha), sp.simplify(sigma2), ode_m, ode_v)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lambdified(kind: Kind) -> Callable:
     mo = derive(kind)
     sigma = sp.sqrt(mo.sigma2)
@@ -117,7 +117,7 @@ def _lambdified(kind: Kind) -> Callable:
     return [sp.lambdify((t, *mo.params), e, modules="mpmath") for e in exprs]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sigma_dot_at_zero(kind: Kind) -> Callable:
     mo = derive(kind)
     lim = sp.limit(sp.diff(sp.sqrt(mo.sigma2), t), t, 0, "+")

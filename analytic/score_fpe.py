@@ -46,7 +46,7 @@ class Derivation:
         return self.log_identity == 0 and all(e == 0 for e in self.score_identity)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def derive(dim: int) -> Derivation:
     """The derivation in ``dim`` space dimensions (1 or 2; 3 works too but is slower)."""
     if not isinstance(dim, int) or not 1 <= dim <= 3:

@@ -5,12 +5,12 @@ t = 0.5 and t = 0.1. Score error = max |s_num − s_exact| over cells with p ≥
 mixture score, fpe_lab.gmm), reported for levels 1e-3, 1e-6, 1e-10.
 
 Rows: the exact convolution (Method.CONVOLUTION); the same SG discretisation propagated exactly after
-the time change (Method.SEPARABLE); the finite-volume solver (Method.FINITE_VOLUME) at several step counts; the finite-volume solver on a non-separable, time-dependent drift (VP plus a
-rotation with angular speed omega(t) = 2 + 4t, whose exact p_t is the VP mixture rotated by
-∫omega); fplanck 0.2.2 (PyPI, if installed: VP as one constant operator in s = B(t)/2,
-∂_s p = ∇·(x p) + Δp; NumPy 2 lacks numpy.product, aliased to numpy.prod here only); the log-density
-solver (Method.LOG_DENSITY, started from the exact log p0 since p0 underflows at the corners) on the VP
-problem and on the rotating VP.
+the time change (Method.SEPARABLE); the finite-volume solver (Method.FINITE_VOLUME) at several step
+counts; the finite-volume solver on a non-separable, time-dependent drift (VP plus a rotation with
+angular speed omega(t) = 2 + 4t, whose exact p_t is the VP mixture rotated by ∫omega); fplanck 0.2.2
+(PyPI, if installed: VP as one constant operator in s = B(t)/2, ∂_s p = ∇·(x p) + Δp; NumPy 2 lacks
+numpy.product, aliased to numpy.prod here only); the log-density solver (Method.LOG_DENSITY, started
+from the exact log p0 since p0 underflows at the corners) on the VP problem and on the rotating VP.
 
 A second table: the tail case of the issue (1D, VE, t = 0.3, "young" tails): mixture 0.3 N(−1.5, 0.5²) +
 0.7 N(1, 0.4²), box [−8, 8], 512 cells (--quick: 256), convolution, finite volumes and log density.
@@ -85,9 +85,10 @@ def errors(score: np.ndarray, exact: GaussianMixture, grid: Grid) -> list[float]
     return [float(err[rel >= math.log(lvl)].max()) for lvl in LEVELS]
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with its wall and CPU seconds."""
     w, c = time.perf_counter(), time.process_time()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - w, time.process_time() - c
 
 
@@ -112,7 +113,7 @@ def run_fplanck(p0: np.ndarray, grid: Grid, sde: VPSDE, times):
     rows = []
     for t in times:
         s = 0.5 * float(sde.int_beta(torch.tensor(t, dtype=torch.float64)))
-        p, wall, cpu = timed(lambda: solver.propagate(lambda *g: p0.copy(), s))
+        p, wall, cpu = timed(solver.propagate, lambda *g: p0.copy(), s)
         with np.errstate(divide="ignore"):
             rows.append((t, fd_score(np.log(np.maximum(p, 0)), grid), wall + wall_b, cpu + cpu_b))
     return rows, f"fplanck build {wall_b:.2f} s wall (included in each row)"
@@ -134,8 +135,8 @@ def ve_tail_table(n: int) -> list[str]:
     print("\n".join(lines), flush=True)
     for name, method in (("exact convolution", Method.CONVOLUTION), ("FV (SG, Richardson)", Method.FINITE_VOLUME),
                          ("log density (u = log p, IMEX ADI)", Method.LOG_DENSITY)):
-        sol, wall, cpu = timed(lambda: solve_fokker_planck(
-            sde, None, grid, [t], method=method, n_steps=400, progress=False, log_p0=log_p0))
+        sol, wall, cpu = timed(solve_fokker_planck, sde, None, grid, [t], method=method, n_steps=400, progress=False,
+                               log_p0=log_p0)
         exact = gm.perturbed(sde, t)
         lp = exact.log_prob(x).numpy()
         err = np.abs(sol.score[0] - exact.score(x).numpy()).max(-1)
@@ -171,35 +172,38 @@ def main(argv=None) -> str:
 
     print("\n".join(lines), flush=True)
     for t in times:  # one time per call, so each row's time is that of one slice
-        sol, wall, cpu = timed(lambda: solve_fokker_planck(sde, p0, grid, [t], method=Method.CONVOLUTION, progress=False))
+        sol, wall, cpu = timed(solve_fokker_planck, sde, p0, grid, [t], method=Method.CONVOLUTION, progress=False)
         row("exact convolution", t, wall, cpu, errors(sol.score[0], gm.perturbed(sde, t), grid))
     for t in times:
-        sol, wall, cpu = timed(lambda: solve_fokker_planck(sde, p0, grid, [t], method=Method.SEPARABLE, progress=False))
+        sol, wall, cpu = timed(solve_fokker_planck, sde, p0, grid, [t], method=Method.SEPARABLE, progress=False)
         row("SG + time change + separable expm", t, wall, cpu, errors(sol.score[0], gm.perturbed(sde, t), grid))
     for k in steps:
         for t in times:
             sol, wall, cpu = timed(
-                lambda: solve_fokker_planck(sde, p0, grid, [t], method=Method.FINITE_VOLUME, n_steps=k, progress=False)
+                solve_fokker_planck, sde, p0, grid, [t], method=Method.FINITE_VOLUME, n_steps=k, progress=False
             )
             row(f"FV (SG, Richardson ADI), {k} steps", t, wall, cpu, errors(sol.score[0], gm.perturbed(sde, t), grid))
     rot = RotatingVP()
     for k in steps:
         t = 0.5
         sol, wall, cpu = timed(
-            lambda: solve_fokker_planck(rot, p0, grid, [t], method=Method.FINITE_VOLUME, n_steps=k, progress=False)
+            solve_fokker_planck, rot, p0, grid, [t], method=Method.FINITE_VOLUME, n_steps=k, progress=False
         )
-        row(f"FV, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu, errors(sol.score[0], rot.exact(gm, t), grid))
+        row(f"FV, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu,
+            errors(sol.score[0], rot.exact(gm, t), grid))
     log_p0 = gm.log_prob(torch.from_numpy(grid.coords.reshape(-1, 2))).numpy().reshape(grid.shape)
     for k in steps:
         for t in times:
-            sol, wall, cpu = timed(lambda: solve_fokker_planck(
-                sde, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k, progress=False, log_p0=log_p0))
-            row(f"log density (u = log p, IMEX ADI), {k} steps", t, wall, cpu, errors(sol.score[0], gm.perturbed(sde, t), grid))
+            sol, wall, cpu = timed(solve_fokker_planck, sde, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k,
+                                   progress=False, log_p0=log_p0)
+            row(f"log density (u = log p, IMEX ADI), {k} steps", t, wall, cpu,
+                errors(sol.score[0], gm.perturbed(sde, t), grid))
     for k in steps:
         t = 0.5
-        sol, wall, cpu = timed(lambda: solve_fokker_planck(
-            rot, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k, progress=False, log_p0=log_p0))
-        row(f"log density, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu, errors(sol.score[0], rot.exact(gm, t), grid))
+        sol, wall, cpu = timed(solve_fokker_planck, rot, None, grid, [t], method=Method.LOG_DENSITY, n_steps=k,
+                               progress=False, log_p0=log_p0)
+        row(f"log density, rotating VP (non-separable f(x,t)), {k} steps", t, wall, cpu,
+            errors(sol.score[0], rot.exact(gm, t), grid))
     rows, note = run_fplanck(p0, grid, sde, times)
     if rows is not None:
         for t, score, wall, cpu in rows:

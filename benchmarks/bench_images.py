@@ -71,7 +71,8 @@ class Trainer:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=[s.value for s in UNetSize], default="tiny")
     p.add_argument("--data", choices=list(PRESETS), default="cifar10",
                    help="image shape and preset: cifar10 (3×32×32) or digits (1×8×8)")
@@ -109,7 +110,8 @@ def main() -> None:
     n_params = sum(q.numel() for q in trainers["dsm"].model.parameters())
     print(f"U-Net {cfg.model.unet.value} ({n_params / 1e6:.2f}M params), images {cfg.data.name.shape}, "
           f"batch {args.batch}, {cfg.sde.kind.value.upper()}, device {device}"
-          + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})")
+          + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu"
+             else f" ({torch.cuda.get_device_name(device)})")
           + f", torch {torch.__version__}; {args.repeats} repeats × {args.steps} steps")
     print(f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'torch.profiler CPU allocations'}"
           " above the memory live before the step")

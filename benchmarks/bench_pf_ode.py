@@ -49,10 +49,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device):
+def _timed(device, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and its wall seconds, the device synchronised before and after."""
     _sync(device)
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     _sync(device)
     return out, time.perf_counter() - t0
 
@@ -79,13 +80,12 @@ def mixture_rows(n: int, tol: float, device: torch.device, seed: int) -> list[di
     rows = []
     for name, method in METHODS.items():
         pf_ode_nll(score, sde, x[:4], eps=eps_nll, rtol=1e-3, atol=1e-3, method=method)  # warm-up
-        res, wall = _timed(lambda: pf_ode_nll(score, sde, x, eps=eps_nll, rtol=tol, atol=tol, method=method,
-                                              prior_log_prob=prior), device)
+        res, wall = _timed(device, pf_ode_nll, score, sde, x, eps=eps_nll, rtol=tol, atol=tol, method=method,
+                           prior_log_prob=prior)
         err = (res.nats - true).abs()
         rows.append({"case": f"mixture-2d ({n} pts, f64)", "task": "NLL", "method": name, "wall_s": wall,
                      "nfe": res.nfe, "acc": f"|NLL−exact| max {err.max():.1e} mean {err.mean():.1e}"})
-        out, wall = _timed(lambda: pf_ode_sample(score, sde, x_T, eps=eps_sample, rtol=tol, atol=tol,
-                                                 method=method), device)
+        out, wall = _timed(device, pf_ode_sample, score, sde, x_T, eps=eps_sample, rtol=tol, atol=tol, method=method)
         rows.append({"case": f"mixture-2d ({n} pts, f64)", "task": "samples", "method": name, "wall_s": wall,
                      "nfe": out.nfe, "acc": f"max |x−x_ref| {(out.x - ref).abs().max():.1e}"})
     return rows
@@ -103,13 +103,12 @@ def unet_rows(b: int, tol: float, device: torch.device, seed: int) -> list[dict]
     for name, method in METHODS.items():
         pf_ode_nll(model, sde, x[:2], eps=1e-5, rtol=1e-2, atol=1e-2, method=method,  # warm-up
                    divergence=FixedProbeHutchinson(probes.probes[:, :2]))
-        res, wall = _timed(lambda: pf_ode_nll(model, sde, x, eps=1e-5, rtol=tol, atol=tol, method=method,
-                                              divergence=probes), device)
+        res, wall = _timed(device, pf_ode_nll, model, sde, x, eps=1e-5, rtol=tol, atol=tol, method=method,
+                           divergence=probes)
         nats[name] = res.nats
         rows.append({"case": f"unet-8x8 ({b} imgs, f32)", "task": "NLL", "method": name, "wall_s": wall,
                      "nfe": res.nfe, "acc": f"mean {res.nats.mean():.3f} nats"})
-        out, wall = _timed(lambda: pf_ode_sample(model, sde, x_T, eps=1e-3, rtol=tol, atol=tol, method=method),
-                           device)
+        out, wall = _timed(device, pf_ode_sample, model, sde, x_T, eps=1e-3, rtol=tol, atol=tol, method=method)
         samples[name] = out.x
         rows.append({"case": f"unet-8x8 ({b} imgs, f32)", "task": "samples", "method": name, "wall_s": wall,
                      "nfe": out.nfe, "acc": ""})

@@ -20,8 +20,8 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fpe_lab import runs
 from fpe_lab.checkpoint import atomic_write_text
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[tuple, dict[RegKind, list[EvalReport]]] = {}
     failed: dict[tuple, dict[RegKind, int]] = {}
     start = time.perf_counter()
-    for i, ((data, sde, reg, seed), config) in enumerate(zip(todo, configs), 1):
+    for i, ((data, sde, reg, _seed), config) in enumerate(zip(todo, configs), 1):
         folder = runs.run_dir(config, args.out)
         rows = results.setdefault((data, sde), {reg: [] for reg in REGS})
         if not _finished(folder):

@@ -8,7 +8,7 @@ not process RSS).
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"## D = {dim} ({len(plan.seeds)} seeds, {base.optim.steps} steps, MLP {base.model.depth}×"
                   f"{base.model.width}, true NLL {sum(seeds['reg=none']['nll_true_nats']) / len(plan.seeds):.4g} "
                   "nats)", "",
-                  "| arm | " + " | ".join(label for _, label, _ in METRICS) + " | NLL gap / D | λ_eff·reg ÷ DSM | s/step |",
+                  "| arm | " + " | ".join(label for _, label, _ in METRICS)
+                  + " | NLL gap / D | λ_eff·reg ÷ DSM | s/step |",
                   "|---" * (len(METRICS) + 4) + "|"]
         for row in rows:
             step = row.get("step_time_s_mean")
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 diff = _interval([a - b for a, b in zip(vals[name], done[dim]["reg=none"][name])])
                 cells.append(f"{mean:.3g} (Δ {_fmt_diff(*diff)})")
             vs = _interval([a - b for a, b in zip(vals["fpe_residual_rel"], done[dim][SQUARED]["fpe_residual_rel"])])
-            lines.append(f"| {dim} | " + " | ".join(cells) + f" | {sum(vals['reg_share']) / len(vals['reg_share']):.2g} | "
-                         f"{_fmt_diff(*vs)} |")
+            share = sum(vals["reg_share"]) / len(vals["reg_share"])
+            lines.append(f"| {dim} | " + " | ".join(cells) + f" | {share:.2g} | {_fmt_diff(*vs)} |")
         lines.append("")
     planned_missing = [d for d in PLANNED_DIMS if d not in folders]
     if missing or planned_missing:
@@ -237,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     fig.suptitle("Gaussian mixture in D dimensions, VP: mean over seeds (bars: range over seeds)", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     _save(fig, "bridge")
+    n_missing = len(missing) + len(planned_missing)
     sys.stderr.write(f"wrote {HERE / 'summary.md'} and bridge.png/.pdf for D = {dims}"
-                     + (f"; missing: {len(missing) + len(planned_missing)}" if missing or planned_missing else "") + "\n")
+                     + (f"; missing: {n_missing}" if n_missing else "") + "\n")
     return 0
 
 

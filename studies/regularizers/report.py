@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs_dir", type=Path, help="the RUNS_DIR given to run.sh")
     args = p.parse_args(argv)
-    studies = sorted(d for d in args.runs_dir.iterdir() if (d / "study.json").is_file()) if args.runs_dir.is_dir() else []
+    studies = (sorted(d for d in args.runs_dir.iterdir() if (d / "study.json").is_file())
+               if args.runs_dir.is_dir() else [])
     if not studies:
         sys.stderr.write(f"error: no study folders (with study.json) in {args.runs_dir}\n")
         return 2
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         names = list(tradeoff)
         compact += [f"**Paired difference in {label}, arm − DSM-only** (mean over seeds; * where the 95% interval "
                     "excludes 0; the DSM-only row gives its mean)", "",
-                    "| arm | " + " | ".join(n.replace("_", ", ") for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+                    "| arm | " + " | ".join(n.replace("_", ", ") for n in names) + " |",
+                    "|---" * (len(names) + 1) + "|"]
         arms = [r["arm"] for r in tradeoff[names[0]]]
         for arm in arms:
             cells = []
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(HERE / "summary.md", "\n".join(compact + lines) + "\n")
 
     names = list(per_time)
-    for metric, label, stem in (("residual", "E‖R‖²", "residual_vs_t"), ("score_error", "E‖s − ∇log p‖²", "score_error_vs_t")):
+    for metric, label, stem in (("residual", "E‖R‖²", "residual_vs_t"),
+                                ("score_error", "E‖s − ∇log p‖²", "score_error_vs_t")):
         cols = min(4, len(names))
         rows_n = (len(names) + cols - 1) // cols
         fig = Figure(figsize=(3.6 * cols, 3.0 * rows_n + 0.8))
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = tradeoff[name]
         g2 = sorted((float(r["arm"].split("lam=")[1]), r) for r in rows if "fpe_weighting=g2" in r["arm"])
         ref = {r["arm"]: r for r in rows}
-        for i, (metric, label) in enumerate((("nll_gap_nats", "NLL gap (nats)"), ("fpe_residual_rel", "residual, rel."))):
+        for i, (metric, label) in enumerate((("nll_gap_nats", "NLL gap (nats)"),
+                                             ("fpe_residual_rel", "residual, rel."))):
             ax = axes[i][0]
             ax.set_visible(True)
             ax.semilogx([lam for lam, _ in g2], [r[f"{metric}_mean"] for _, r in g2], marker="o", label="FPE, w = g²")
