@@ -19,7 +19,8 @@ EXPECTED = [
     ["nvidia-smi"],
     ["python", "-c", "import torch; assert torch.cuda.is_available()"],
     ["python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-    ["python", "benchmarks/bench_images.py", "--device", "cuda", "--model", "ddpmpp", "--batch", "48", "--repeats", "3"],
+    ["python", "benchmarks/bench_images.py", "--device", "cuda", "--model", "ddpmpp", "--batch", "48",
+     "--repeats", "3"],
     ["python", "benchmarks/bench_train_step.py", "--device", "cuda"],
     ["python", "benchmarks/bench_residual.py", "--quick"],
     ["python", "benchmarks/bench_likelihood.py", "--quick"],
@@ -127,5 +128,7 @@ def test_bad_usage_and_unwritable_out(tmp_path):
     blocker.write_text("")
     proc = _run(tmp_path / "x", bin_dir, str(blocker / "out"))
     assert proc.returncode == 1
-    assert proc.stderr.splitlines() == [f"error: cannot create or write the folder {blocker / 'out'}; choose a writable OUT_DIR"]
+    assert proc.stderr.splitlines() == [
+        f"error: cannot create or write the folder {blocker / 'out'}; choose a writable OUT_DIR"
+    ]
     assert not calls.exists()  # nothing ran

@@ -223,9 +223,10 @@ def test_checkerboard_matches_scipy_closed_form():
         s = math.sqrt(alpha**2 * d.width**2 + sigma**2)
         xn = x.numpy()[:, None, :]
         lo, hi = alpha * corners[None], alpha * (corners[None] + 2)
-        u, l = (hi - xn) / s, (lo - xn) / s
+        upper, lower = (hi - xn) / s, (lo - xn) / s
         # right of the middle take the difference of survival functions (no cancellation near 1)
-        fac = np.where(l > 0, scipy.stats.norm.sf(l) - scipy.stats.norm.sf(u), scipy.stats.norm.cdf(u) - scipy.stats.norm.cdf(l))
+        fac = np.where(lower > 0, scipy.stats.norm.sf(lower) - scipy.stats.norm.sf(upper),
+                       scipy.stats.norm.cdf(upper) - scipy.stats.norm.cdf(lower))
         ref = np.log((fac.prod(-1) / (2 * alpha) ** 2).sum(-1) / 8)
         got = d.perturbed_log_prob(x, t, sde).numpy()
         mask = ref > -30  # further out the difference of two tiny tails loses digits in the reference
@@ -242,7 +243,8 @@ def test_rings_quadrature_matches_bessel_closed_form():
         alpha, sigma = (float(v) for v in sde.marginal(torch.tensor(t, dtype=torch.float64)))
         s2 = alpha**2 * d.width**2 + sigma**2
         terms = [
-            np.log(0.25 / (2 * np.pi * s2)) - (r - alpha * R) ** 2 / (2 * s2) + np.log(scipy.special.i0e(r * alpha * R / s2))
+            np.log(0.25 / (2 * np.pi * s2)) - (r - alpha * R) ** 2 / (2 * s2)
+            + np.log(scipy.special.i0e(r * alpha * R / s2))
             for R in (3.0, 2.25, 1.5, 0.75)
         ]
         ref = scipy.special.logsumexp(np.stack(terms), axis=0)

@@ -92,8 +92,11 @@ def test_solver_is_second_order():
 
 
 def test_palette_is_consistent():
-    assert lam_color(0.0, [0.0, 0.1, 1.0]) == pytest.approx(tuple(int(Variant.DSM.color[i:i + 2], 16) / 255 for i in (1, 3, 5)))
-    assert lam_color(1.0, [0.0, 0.1, 1.0]) == pytest.approx(tuple(int(Variant.DSM_FPE.color[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+    def rgb(hex_color):
+        return tuple(int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+
+    assert lam_color(0.0, [0.0, 0.1, 1.0]) == pytest.approx(rgb(Variant.DSM.color))
+    assert lam_color(1.0, [0.0, 0.1, 1.0]) == pytest.approx(rgb(Variant.DSM_FPE.color))
     with pytest.raises(ValueError, match="lam"):
         lam_color(0.5, [0.0, 0.1, 1.0])
 

@@ -151,10 +151,10 @@ def test_streams_match_torch_func(dim, sde):
     for b in range(x.shape[0]):
         xb, tb = x[b], t[b : b + 1]
 
-        def s_of_x(xx):
+        def s_of_x(xx, tb=tb):
             return model(xx[None], tb)[0]
 
-        def s_of_t(tt):
+        def s_of_t(tt, xb=xb):
             return model(xb[None], tt)[0]
 
         # float64 round-off: every stream is an exact derivative computed in a different order.

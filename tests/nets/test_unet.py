@@ -96,7 +96,8 @@ def test_hutchinson_residual_is_unbiased(sde):
     probes = Hutchinson(1, generator=torch.Generator().manual_seed(5))
     draws = torch.stack([score_fpe_residual(model, sde, x, t, divergence=probes) for _ in range(24)])
     mean, se = draws.mean(0), draws.std(0) / draws.shape[0] ** 0.5
-    # CLT: 6 standard errors over 32 components (Gaussian false alarm ~1e-7; t-tail at 23 dof ~1e-4); plus float64 round-off
+    # CLT: 6 standard errors over 32 components (Gaussian false alarm ~1e-7; t-tail at 23 dof ~1e-4);
+    # plus float64 round-off
     slack = 6 * se + 1e-9 * exact.abs().max()
     assert ((mean - exact).abs() <= slack).all()
     assert (se > 0).any()  # the estimator does vary
