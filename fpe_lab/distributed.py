@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -179,6 +180,12 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         offset += n
 
 
+class _Work(Protocol):
+    """What an asynchronous all-reduce returns (``torch.distributed.Work`` or a test's stand-in)."""
+
+    def wait(self) -> object: ...
+
+
 class GradientBuckets:
     """Average the gradients of ``params`` over ranks, one all-reduce per bucket (see the module docstring).
 
@@ -204,7 +211,7 @@ class GradientBuckets:
     def _reset(self) -> None:
         self._ready: list[list[int]] = [[] for _ in self.buckets]
         self._next = 0  # the next bucket to launch
-        self._inflight: list[tuple[object, torch.Tensor, list[torch.Tensor]]] = []
+        self._inflight: list[tuple[_Work, torch.Tensor, list[torch.Tensor]]] = []
         self._finish_queued = False
 
     def register(self) -> list:
@@ -239,7 +246,8 @@ class GradientBuckets:
 
     def _launch(self, k: int) -> None:
         ready = set(self._ready[k])
-        grads = [self.params[i].grad for i in self.buckets[k] if i in ready]
+        # every ready parameter has a dense .grad (checked by the hook that marked it ready)
+        grads = [g for i in self.buckets[k] if i in ready and (g := self.params[i].grad) is not None]
         if not grads:
             return
         flat = flatten(grads)
@@ -292,7 +300,7 @@ def agree_on_nonfinite(loss_fn: Callable, env: DistEnv) -> Callable:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0 and terms.is_finite():
             nan = torch.full_like(terms.total, float("nan"))
-            return type(terms)(total=terms.total + nan, dsm=terms.dsm, fpe=terms.fpe)
+            return type(terms)(total=terms.total + nan, dsm=terms.dsm, reg=terms.reg)
         return terms
 
     return wrapped

@@ -103,7 +103,8 @@ class GaussianMixture:
         a request for no samples, not an input batch)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a nonnegative int; got {n!r}")
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
+        k = (torch.multinomial(self.weights, n, replacement=True, generator=generator) if n
+             else torch.zeros(0, dtype=torch.long))
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
         chol = torch.linalg.cholesky(self.covs)
         return self.means[k] + (chol[k] @ z.unsqueeze(-1)).squeeze(-1)

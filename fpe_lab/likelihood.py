@@ -10,9 +10,10 @@ where p_T is the prior (``sde.prior_log_prob``; or any ``prior_log_prob`` passed
 [x_t, ∫∇·v] of each point (one row per point) is integrated from eps to T by
 ``scipy.integrate.solve_ivp`` (RK45 by default, rtol = atol = 1e-5 as in Score SDE; the tolerances
 are recorded) — the reference, whose step-size control bounds an RMS norm over the whole batch, so one
-point's error is not bounded by the tolerances (docs/conventions.md, "Likelihoods") — or, with ``method=ODEMethod.DOPRI5``,
-by the batched torch Dormand–Prince of :mod:`fpe_lab.ode`: the same 5(4) pair on the score's device and
-dtype, with each point's own error norm (over its x and its ∫∇·v) held below 1 at every step.
+point's error is not bounded by the tolerances (docs/conventions.md, "Likelihoods") — or, with
+``method=ODEMethod.DOPRI5``, by the batched torch Dormand–Prince of :mod:`fpe_lab.ode`: the same 5(4)
+pair on the score's device and dtype, with each point's own error norm (over its x and its ∫∇·v) held
+below 1 at every step.
 
 **t = 0.** ``eps`` must be > 0 (ValueError otherwise): the ODE's right-hand side at t = 0 needs the data
 score and its divergence, which do not exist in general (data on a lattice or manifold have no
@@ -34,8 +35,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
 from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["DOPRI5Solution", "dopri5", "error_norms"]
@@ -92,6 +93,15 @@ def _rms(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(v.shape[0], -1).pow(2).mean(-1).sqrt()
 
 
+def _combination(coefs: tuple[float, ...], ks: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_i coefs[i] ks[i] over the nonzero coefficients (at least one), left to right."""
+    terms = (c * k for c, k in zip(coefs, ks) if c != 0.0)
+    total = next(terms)
+    for term in terms:
+        total = total + term
+    return total
+
+
 def _check(rtol: float, atol: float, y0: torch.Tensor, t0: float, t1: float, first_step, max_steps) -> None:
     for name, v in (("rtol", rtol), ("atol", atol)):
         if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
@@ -123,14 +133,14 @@ def _initial_step(fun: Rhs, t0: float, y0: torch.Tensor, f0: torch.Tensor, t1: f
     interval = abs(t1 - t0)
     scale = atol + y0.abs() * rtol
     d0, d1 = _rms(y0 / scale), _rms(f0 / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-    h0 = h0.clamp(max=interval).min().item()  # one h0 for the batch: rhs takes a single t
+    h0_each = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = float(h0_each.clamp(max=interval).min())  # one h0 for the batch: rhs takes a single t
     f1 = fun(y0 + h0 * direction * f0, t0 + h0 * direction)
     d2 = _rms((f1 - f0) / scale) / h0
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.full_like(dmax, max(1e-6, h0 * 1e-3)),
                      (0.01 / dmax) ** (1 / (_ORDER_ERR + 1)))
-    return min(100 * h0, h1.min().item(), interval)
+    return min(100 * h0, float(h1.min()), interval)
 
 
 def dopri5(
@@ -204,12 +214,12 @@ def dopri5(
                 h_abs = abs(h)
                 ks = [f]
                 for c, a in zip(_C[1:], _A[1:]):
-                    dy = sum(ai * k for ai, k in zip(a, ks) if ai != 0.0)
+                    dy = _combination(a, ks)
                     ks.append(fun(y + h * dy, t + c * h))
-                y_new = y + h * sum(bi * k for bi, k in zip(_B, ks) if bi != 0.0)
+                y_new = y + h * _combination(_B, ks)
                 f_new = fun(y_new, t_new)
                 ks.append(f_new)
-                e = h * sum(ei * k for ei, k in zip(_E, ks) if ei != 0.0)
+                e = h * _combination(_E, ks)
                 err = error_norms(e, y, y_new, rtol, atol)
                 err_max = err.max().item()  # the one host synchronisation of the step
                 if not math.isfinite(err_max):
@@ -217,7 +227,8 @@ def dopri5(
                         f"{desc}: right-hand side is non-finite in the step from t={t:.6g} to {t_new:.6g} "
                         f"(evaluation {nfe})")
                 if err_max < 1:
-                    factor = _MAX_FACTOR if err_max == 0 else min(_MAX_FACTOR, _SAFETY * err_max ** (-1 / (_ORDER_ERR + 1)))
+                    factor = (_MAX_FACTOR if err_max == 0
+                              else min(_MAX_FACTOR, _SAFETY * err_max ** (-1 / (_ORDER_ERR + 1))))
                     if rejected:
                         factor = min(1.0, factor)
                     h_abs *= factor

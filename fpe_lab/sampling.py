@@ -18,7 +18,8 @@ For the forward SDE dx = f(x, t) dt + g(t) dw with score s = ∇ log p_t:
 
 Every function takes ``score_fn(x, t) -> s`` with x of shape (b, *dims) and t of shape (b,), so the
 exact mixture score and a trained network are interchangeable, and the same code serves 2-D points
-and images. The samplers run under ``torch.no_grad()``: score_fn must not need autograd itself. The start x_T is passed in explicitly (``sde.prior_sample((b, *dims), generator)``).
+and images. The samplers run under ``torch.no_grad()``: score_fn must not need autograd itself. The
+start x_T is passed in explicitly (``sde.prior_sample((b, *dims), generator)``).
 
 **t = 0.** The drifts (:func:`probability_flow_drift`, :func:`reverse_sde_drift`) and the corrector are
 pointwise and accept t = 0: they return f(x, 0) − c g(0)² s(x, 0), finite exactly when ``score_fn`` is
@@ -38,17 +39,17 @@ from __future__ import annotations
 import enum
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from scipy.integrate import solve_ivp
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.checks import check_batch
 from fpe_lab.fpe import ScoreFn
 from fpe_lab.ode import dopri5
+from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.sde import SDE
 from fpe_lab.shapes import append_dims, batch_time
 

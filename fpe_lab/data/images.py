@@ -142,7 +142,9 @@ def _read_pickle(path: Path) -> dict:
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
     except Exception as e:  # any unpickling failure means a corrupt or foreign file
-        raise DataError(f"corrupt CIFAR-10 file {path} ({type(e).__name__}: {e}); re-extract it from {CIFAR10_URL}") from e
+        raise DataError(
+            f"corrupt CIFAR-10 file {path} ({type(e).__name__}: {e}); re-extract it from {CIFAR10_URL}"
+        ) from e
     if not isinstance(obj, dict):
         raise DataError(f"corrupt CIFAR-10 file {path}: expected a dict, got {type(obj).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -175,7 +177,8 @@ def find_cifar10_dir(data_dir: str | Path) -> Path:
             best = (len(present), cand)
     if best is not None:
         missing = [f for f in needed if not (best[1] / f).is_file()]
-        raise DataError(f"CIFAR-10 in {best[1]} is incomplete: missing {', '.join(missing)}. " + _expected_files_message(root))
+        raise DataError(f"CIFAR-10 in {best[1]} is incomplete: missing {', '.join(missing)}. "
+                        + _expected_files_message(root))
     raise DataError(_expected_files_message(root))
 
 

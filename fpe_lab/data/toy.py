@@ -58,10 +58,10 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.shapes import batch_time
 
 __all__ = [
@@ -185,7 +185,7 @@ class ToyDistribution(abc.ABC):
         """∇ log p_0(x), shape (n, 2), float64."""
         x = _check_x(x)
         one = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
-        return self._log_prob_and_score(x, one, torch.zeros_like(one), True, False)[1]
+        return self._score(x, one, torch.zeros_like(one))
 
     def perturbed_log_prob(self, x: torch.Tensor, t, sde) -> torch.Tensor:
         """log p_t(x) under the linear SDE ``sde``, shape (n,), float64, differentiable in x."""
@@ -197,7 +197,13 @@ class ToyDistribution(abc.ABC):
         """∇_x log p_t(x) = (E[alpha y | x] − x)/s², s² = alpha² w² + sigma², shape (n, 2), float64."""
         x = _check_x(x)
         alpha, sigma = _marginal(sde, t, x)
-        return self._log_prob_and_score(x, alpha, sigma, True, False)[1]
+        return self._score(x, alpha, sigma)
+
+    def _score(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        score = self._log_prob_and_score(x, alpha, sigma, True, False)[1]
+        if score is None:
+            raise RuntimeError(f"{type(self).__name__}._log_prob_and_score returned no score though asked for one")
+        return score
 
     def score_fn(self, sde):
         """The exact perturbed score as ``score_fn(x, t) -> s`` in the dtype of x, interchangeable with a
@@ -294,7 +300,8 @@ def _default_gmm() -> GaussianMixture:
 
 @dataclass(frozen=True, repr=False, eq=False)
 class GMM(_MixtureDistribution):
-    """Any 2D Gaussian mixture as a toy set (default: the 4-Gaussian test mixture of the ground-truth benchmarks, docs/conventions.md).
+    """Any 2D Gaussian mixture as a toy set (default: the 4-Gaussian test mixture of the ground-truth
+    benchmarks, docs/conventions.md).
 
     ``width`` is the smallest component standard deviation; ``bounds`` is the box of the means ± 7 sd
     of the widest direction, made square.
@@ -463,9 +470,9 @@ class CurveDistribution(ToyDistribution):
     @cached_property
     def nodes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Quadrature nodes (K, 2) on the curves and log-weights (K,) with logsumexp(log-weights) ≈ 0."""
-        gx, gw = np.polynomial.legendre.leggauss(self.order)
-        gx = torch.from_numpy((gx + 1) / 2)
-        gw = torch.from_numpy(gw / 2)
+        nodes_11, weights_11 = np.polynomial.legendre.leggauss(self.order)  # on [-1, 1]
+        gx = torch.from_numpy((nodes_11 + 1) / 2)
+        gw = torch.from_numpy(weights_11 / 2)
         points, logw = [], []
         for k, m in enumerate(self.piece_masses):
             p = self.n_panels(k)
@@ -479,7 +486,8 @@ class CurveDistribution(ToyDistribution):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         n = _check_n(n)
         masses = torch.tensor(self.piece_masses, dtype=torch.float64)
-        k = torch.multinomial(masses, n, replacement=True, generator=generator) if n else torch.zeros(0, dtype=torch.long)
+        k = (torch.multinomial(masses, n, replacement=True, generator=generator) if n
+             else torch.zeros(0, dtype=torch.long))
         y = torch.empty(n, 2, dtype=torch.float64)
         for j in range(len(masses)):
             sel = k == j
@@ -695,6 +703,7 @@ TOY_NAMES: tuple[str, ...] = ("checkerboard", "8gaussians", "gmm", "rings", "moo
 def toy_distribution(name: str, **params) -> ToyDistribution:
     """The toy distribution called ``name`` (one of ``TOY_NAMES``), built with the keyword ``params``
     of its class (e.g. ``w=0.1`` for the smoothed sets, ``gaussian_mixture=...`` for ``gmm``)."""
+    cls: type[ToyDistribution]
     match name:
         case "checkerboard":
             cls = Checkerboard

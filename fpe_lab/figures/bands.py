@@ -9,8 +9,8 @@ which stays positive on a log axis (a ± std band would not). One curve per λ; 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -18,17 +18,18 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
-from fpe_lab.progress import progress_bar as tqdm
+from numpy.typing import ArrayLike
 
 from fpe_lab.figures.output import save_figure, write_csv
 from fpe_lab.figures.style import COLUMN_WIDTH, FLOOR_COLOR, TRUTH_COLOR, new_figure, paper_style
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import BoundaryWarning, Grid, Method, ResolutionWarning, solve_fokker_planck
+from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.sde import LinearSDE
 
 __all__ = ["DEFAULT_GRIDS", "convergence_problem", "solver_errors", "fitted_order", "make"]
@@ -47,7 +48,7 @@ def convergence_problem() -> GaussianMixture:
     return GaussianMixture([0.5, 0.3, 0.2], [[1.2, 0.3], [-1.0, 1.0], [0.0, -1.5]], covs, dtype=torch.float64)
 
 
-def fitted_order(n: Sequence[int], err: Sequence[float]) -> float:
+def fitted_order(n: ArrayLike, err: ArrayLike) -> float:
     """Least-squares slope p of log err = c − p log n (err ∝ h^p with h ∝ 1/n)."""
     slope = np.polyfit(np.log(np.asarray(n, float)), np.log(np.asarray(err, float)), 1)[0]
     return float(-slope)
@@ -106,7 +107,8 @@ def make(sde: LinearSDE, sde_name: str, out: Path, grids: Sequence[int] = DEFAUL
         ref = rows[0]["density_l1"] * (n / n[0]) ** -2.0
         ax.plot(n, ref, ":", color=FLOOR_COLOR, lw=1.0, label=r"slope $h^2$ (2nd order)")
         if not resolved.all():
-            ax.plot([], [], "o", color=TRUTH_COLOR, mfc="white", ls="none", label="open: solver flags $p_0$ under-resolved")
+            ax.plot([], [], "o", color=TRUTH_COLOR, mfc="white", ls="none",
+                    label="open: solver flags $p_0$ under-resolved")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(n)
@@ -118,8 +120,9 @@ def make(sde: LinearSDE, sde_name: str, out: Path, grids: Sequence[int] = DEFAUL
         fig.legend(loc="outside lower center", ncol=1)  # below the axes: never over the data
         paths = save_figure(fig, out, STEM)
     header = ["n", "h", "density_l1", "score_rms", "resolved", "wall_s", "order_density", "order_score"]
-    paths.append(write_csv(out, STEM, header, [[r["n"], r["h"], r["density_l1"], r["score_rms"], int(r["resolved"]),
-                                                 r["wall_s"], orders["density_l1"], orders["score_rms"]] for r in rows]))
+    table = [[r["n"], r["h"], r["density_l1"], r["score_rms"], int(r["resolved"]), r["wall_s"], orders["density_l1"],
+              orders["score_rms"]] for r in rows]
+    paths.append(write_csv(out, STEM, header, table))
     log.info("solver convergence (%s): order %.2f (density), %.2f (score)", sde_name, orders["density_l1"],
              orders["score_rms"])
     return paths

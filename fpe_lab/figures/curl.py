@@ -9,8 +9,8 @@ metrics.json (mean over the run's seeds is in the λ trade-off figure).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -28,11 +28,12 @@ DEFAULT_TIMES: tuple[float, ...] = (0.05, 0.5)
 def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES, n: int = 64,
          lam: float | None = None) -> list[Path]:
     """Draw ``curl.{png,pdf,csv}`` for the lowest-seed DSM run and DSM+FPE run at ``lam`` (default: largest λ)."""
-    chosen = [(v, pick_run(runs, v, lam)) for v in Variant]
-    missing = [v.value for v, r in chosen if r is None]
+    picked = [(v, pick_run(runs, v, lam)) for v in Variant]
+    missing = [v.value for v, r in picked if r is None]
     if missing:
         raise RunFolderError(f"the curl figure needs a DSM run and a DSM+FPE run; none of the given run folders is "
                              f"{' or '.join(missing)}")
+    chosen = [(v, r) for v, r in picked if r is not None]
     ref = chosen[0][1]
     sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
     models = {v: r.score_model() for v, r in chosen}

@@ -9,8 +9,8 @@ divergence, float64), at every grid point. Panel titles give the held-out NLL of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,22 +32,26 @@ RTOL = ATOL = 1e-4
 
 def nll_summary(runs: Sequence[Run]) -> tuple[float, float, float] | None:
     """(mean, std over runs of model NLL in nats, mean true NLL) from metrics.json; None without NLL."""
-    nlls = [r.report.nll for r in runs]
-    if any(n is None or n.true_nats is None for n in nlls):
-        return None
-    vals = [n.model_nats for n in nlls]
-    true = [n.true_nats for n in nlls]
+    vals: list[float] = []
+    true: list[float] = []
+    for r in runs:
+        nll = r.report.nll
+        if nll is None or nll.true_nats is None:
+            return None
+        vals.append(nll.model_nats)
+        true.append(nll.true_nats)
     v = np.asarray(vals, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, float(np.mean(true))
 
 
 def make(runs: Sequence[Run], out: Path, n: int = 48, lam: float | None = None, progress: bool = True) -> list[Path]:
     """Draw ``density.{png,pdf,csv}`` on an n×n grid over the data box."""
-    chosen = [(v, pick_run(runs, v, lam)) for v in Variant]
-    missing = [v.value for v, r in chosen if r is None]
+    picked = [(v, pick_run(runs, v, lam)) for v in Variant]
+    missing = [v.value for v, r in picked if r is None]
     if missing:
         raise RunFolderError(f"the density figure needs a DSM run and a DSM+FPE run; none of the given run folders is "
                              f"{' or '.join(missing)}")
+    chosen = [(v, r) for v, r in picked if r is not None]
     ref = chosen[0][1]
     sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
     eps = float(ref.report.nll.eps if ref.report.nll is not None else ref.config.loss.eps)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.figures import convergence, curl, density, residual, score_error, score_fields, tradeoff
 from fpe_lab.figures.output import staged_output
 from fpe_lab.figures.runs import RunFolderError, load_runs, pick_run
 from fpe_lab.figures.style import Variant
+from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["FigureOptions", "make_all"]
 

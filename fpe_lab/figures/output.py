@@ -13,8 +13,8 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from matplotlib.figure import Figure
 

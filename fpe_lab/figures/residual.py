@@ -8,8 +8,8 @@ same relative to the size of its terms (metrics.json ``per_time.fpe_residual`` a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fpe_lab.figures.bands import per_time_figure
 from fpe_lab.figures.runs import Run

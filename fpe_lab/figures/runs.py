@@ -10,16 +10,17 @@ truth, and fit with the other runs of a figure (one data set, SDE and time grid)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from fpe_lab import build
 from fpe_lab import runs as run_folders
 from fpe_lab.checkpoint import CHECKPOINT_NAME
-from fpe_lab.config import RegKind, RunConfig, Weights
+from fpe_lab import regularizers
+from fpe_lab.config import RunConfig, Weights
 from fpe_lab.figures.style import Variant
 from fpe_lab.metrics.evaluate import EvalReport
 from fpe_lab.metrics.truth import MixtureTruth, ToyTruth, Truth
@@ -53,7 +54,7 @@ class Run:
     def lam(self) -> float:
         """The regularizer weight: 0 for plain DSM (``reg none``)."""
         reg = self.config.loss.reg
-        return 0.0 if reg.kind is RegKind.NONE else float(reg.lam)
+        return 0.0 if reg.kind == regularizers.NONE else float(reg.lam)
 
     @property
     def variant(self) -> Variant:

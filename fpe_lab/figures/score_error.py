@@ -7,8 +7,8 @@ other toy sets); right: relative to E‖∇log p_t‖² (metrics.json ``per_time
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fpe_lab.figures.bands import per_time_figure
 from fpe_lab.figures.runs import Run

@@ -9,8 +9,8 @@ t, since the score grows like 1/σ), on one shared log colour scale. White conto
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,11 +45,13 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
          lam: float | None = None) -> list[Path]:
     """Draw ``score_fields.{png,pdf,csv}``: the lowest-seed DSM run and DSM+FPE run at ``lam``
     (default: the largest λ) evaluated on an n×n grid at each of ``times``."""
-    chosen = [(v, pick_run(runs, v, lam)) for v in Variant]
-    missing = [v.value for v, r in chosen if r is None]
+    picked = [(v, pick_run(runs, v, lam)) for v in Variant]
+    missing = [v.value for v, r in picked if r is None]
     if missing:
-        raise RunFolderError(f"the score-field figure needs a DSM run and a DSM+FPE run{'' if lam is None else f' at λ={lam:g}'}; "
+        at = "" if lam is None else f" at λ={lam:g}"
+        raise RunFolderError(f"the score-field figure needs a DSM run and a DSM+FPE run{at}; "
                              f"none of the given run folders is {' or '.join(missing)}")
+    chosen = [(v, r) for v, r in picked if r is not None]
     ref = chosen[0][1]
     sde, truth, bounds = ref.sde, ref.truth(), ref.data().bounds
     models = {v: r.score_model() for v, r in chosen}
@@ -75,13 +77,13 @@ def make(runs: Sequence[Run], out: Path, times: Sequence[float] = DEFAULT_TIMES,
         nt = len(times)
         fig = new_figure((FULL_WIDTH, 6.6))
         axes = fig.subplots(3, nt, squeeze=False)
-        for j, (t, grid, s_true, log_p, errs) in enumerate(panels):
-            p_rel = grid.image(np.exp(log_p - log_p.max()))
+        for j, (t, grid, true_s, true_lp, errs) in enumerate(panels):
+            p_rel = grid.image(np.exp(true_lp - true_lp.max()))
             ax = axes[0, j]
             # log p_t relative to its maximum: one colour scale for every t (p_t spreads out with t)
-            im_p = ax.imshow(grid.image(log_p - log_p.max()), origin="lower", extent=grid.extent, cmap=DENSITY_CMAP,
+            im_p = ax.imshow(grid.image(true_lp - true_lp.max()), origin="lower", extent=grid.extent, cmap=DENSITY_CMAP,
                              vmin=-12, vmax=0, aspect="equal")
-            _arrows(ax, grid, s_true, "white")
+            _arrows(ax, grid, true_s, "white")
             ax.set_title(f"t = {t:g}")
             for i, v in enumerate(Variant, start=1):
                 ax = axes[i, j]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from typing import Iterator
+from collections.abc import Iterator
 
 import matplotlib
 from matplotlib.colors import to_rgb
@@ -70,7 +70,8 @@ def lam_color(lam: float, lams: list[float]) -> tuple[float, float, float]:
     # mix with white: up to 55% white for the smallest of several λ, so every shade stays visible
     k = pos.index(lam)
     white = 0.55 * (len(pos) - 1 - k) / max(len(pos) - 1, 1)
-    return tuple(c + (1 - c) * white for c in base)
+    r, g, b = (c + (1 - c) * white for c in base)
+    return r, g, b
 
 
 def lam_label(lam: float) -> str:
@@ -81,7 +82,7 @@ def lam_label(lam: float) -> str:
 @contextlib.contextmanager
 def paper_style() -> Iterator[None]:
     """Matplotlib settings for print: 8 pt text, thin lines, tight layout, 200 dpi PNGs."""
-    rc = {
+    with matplotlib.rc_context({
         "font.size": 8,
         "axes.titlesize": 8,
         "axes.labelsize": 8,
@@ -100,8 +101,7 @@ def paper_style() -> Iterator[None]:
         "figure.constrained_layout.use": True,
         "pdf.fonttype": 42,  # embed TrueType: text stays text in the PDF
         "image.cmap": DENSITY_CMAP,
-    }
-    with matplotlib.rc_context(rc):
+    }):
         yield
 
 

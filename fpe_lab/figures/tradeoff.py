@@ -12,8 +12,8 @@ break of the symmetric-log axis):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -60,7 +60,9 @@ def make(runs: Sequence[Run], out: Path) -> list[Path]:
                     continue
                 m = float(np.mean(vals))
                 s = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-                xs.append(lam), ms.append(m), ss.append(s)
+                xs.append(lam)
+                ms.append(m)
+                ss.append(s)
                 rows.append([name, lam, len(vals), m, s])
                 ax.errorbar([lam], [m], yerr=[[min(s, m * 0.999) if logy else s], [s]], fmt="o",
                             color=lam_color(lam, lams), capsize=2, ms=4)

@@ -22,8 +22,8 @@ Samples have shape (n, *dims) and are flattened to (n, D).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -96,7 +96,10 @@ class GaussianKernel:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gram matrix k(x_i, y_j) for x (n, D), y (m, D): shape (n, m)."""
         sq = torch.cdist(x, y).pow(2)
-        return sum(torch.exp(-sq / (2 * b * b)) for b in self.bandwidths) / len(self.bandwidths)
+        total = torch.zeros_like(sq)
+        for b in self.bandwidths:
+            total = total + torch.exp(-sq / (2 * b * b))
+        return total / len(self.bandwidths)
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, *, kernel: GaussianKernel = GaussianKernel()) -> float:

@@ -33,13 +33,15 @@ Use: ``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and
 :func:`fpe_lab.fpe.score_fpe_residual`, with a ``ScoreModel(TimeMLP, sde)`` as the score function).
 A loss that evaluates s at the same points (DSM at the perturbed points) calls
 ``jet_score_fpe_residual.with_score`` instead, which returns s (the jet's value stream) beside R: one
-forward pass fewer (``fpe_lab.losses.FPERegularizer`` does so at the DSM points). Cost per training step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about
-7 matmul streams, so ~7-8x a DSM step (~6-7x with the shared value), vs ~10-13x for the generic path.
+forward pass fewer (``fpe_lab.losses.FPERegularizer`` does so at the DSM points). Cost per training
+step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about 7 matmul streams, so ~7-8x a DSM
+step (~6-7x with the shared value), vs ~10-13x for the generic path.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -186,14 +188,14 @@ def _net_jet(net: TimeMLP, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tens
 
     # First layer: ∂_k [x, e] is the unit vector e_k and ∂²[x, e] = 0, so z_k = W1[:, k] is shared
     # by the whole batch and z_kl = 0: y_k = φ' W1[:, k], y_kl = φ'' W1[:, k] W1[:, l] (no matmul).
-    first = net.hidden[0]
+    first, *rest = (cast(nn.Linear, layer) for layer in net.hidden)  # TimeMLP's hidden layers are all Linear
     z = F.linear(torch.cat([x, e], dim=-1), first.weight, first.bias)
     w_x = first.weight[:, :d].T[:, None, :]  # (D, 1, H): ∂_k z
     k, l = _pairs(d)
     h, phi1, phi2 = _silu_derivatives(z)
     dz_t = de @ first.weight[:, d:].T  # (b, H)
     dh = torch.cat([(phi1 * dz_t)[None], phi1 * w_x, phi2 * (w_x[k.to(z.device)] * w_x[l.to(z.device)])])
-    for layer in net.hidden[1:]:
+    for layer in rest:
         h, dh = _SiLUJet.apply(F.linear(h, layer.weight, layer.bias), dh @ layer.weight.T, d)
     return F.linear(h, net.out.weight, net.out.bias), dh @ net.out.weight.T
 
@@ -228,7 +230,8 @@ def score_jet(model: ScoreModel, x: torch.Tensor, t: torch.Tensor | float) -> Sc
     x, t = x.detach(), t.detach().contiguous()  # a scalar t arrives expanded; forward AD needs real storage
     n, dn = _net_jet(net, x, t)
     d = x.shape[1]
-    sigma, dsigma = jvp(lambda tt: model.sde.marginal(tt)[1], (t,), (torch.ones_like(t),))
+    # torch annotates jvp as returning 2 or 3 values; without has_aux it returns 2
+    sigma, dsigma = jvp(lambda tt: model.sde.marginal(tt)[1], (t,), (torch.ones_like(t),))  # type: ignore[misc]
     inv = -1 / sigma[:, None]  # s = −n/sigma: every spatial stream is scaled by −1/sigma
     s = n * inv
     dt_s = dn[0] * inv - s * (dsigma / sigma)[:, None]
@@ -289,7 +292,7 @@ class JetScoreFPEResidual:
             raise ValueError(
                 f"divergence must be None or fpe.ExactDivergence() for the jet path (it is exact); got {divergence!r}"
             )
-        _check_linear_sde(sde)
+        sde = _check_linear_sde(sde)
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             jet = score_jet(model, x, t)
             r = residual_from_jet(jet, sde, x, t)

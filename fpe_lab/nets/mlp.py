@@ -19,6 +19,8 @@ class TimeMLP(nn.Module):
     derivatives over the batch sum are per-sample derivatives.
     """
 
+    freqs: torch.Tensor  # a buffer: 2π ω_j, shape (n_freq,)
+
     def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, n_freq: int = 8) -> None:
         super().__init__()
         for name, v, lo in (("dim", dim, 1), ("width", width, 1), ("depth", depth, 1), ("n_freq", n_freq, 0)):
