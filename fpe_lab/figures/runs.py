@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from fpe_lab import build
+from fpe_lab import build, regularizers
 from fpe_lab import runs as run_folders
 from fpe_lab.checkpoint import CHECKPOINT_NAME
-from fpe_lab import regularizers
 from fpe_lab.config import RunConfig, Weights
 from fpe_lab.figures.style import Variant
 from fpe_lab.metrics.evaluate import EvalReport
