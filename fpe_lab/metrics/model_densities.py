@@ -47,8 +47,8 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ KL_FLOOR = 1e-12
 W2_MAX_CELLS = 64**2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelDensities:
     """The PF-ODE and reverse-SDE model densities of one score at t = eps on ``grid``.
 
@@ -168,13 +168,13 @@ def _start_on_grid(start_fn: LogDensity, centres: torch.Tensor, grid: Grid, labe
     if not isinstance(lp, torch.Tensor) or tuple(lp.shape) != (centres.shape[0],):
         got = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
         raise ValueError(f"{label}(x) must return log-densities of shape (b,) = ({centres.shape[0]},); got {got}")
-    lp = lp.detach().to(torch.float64).cpu().numpy().reshape(grid.shape)
-    if np.isnan(lp).any() or np.isposinf(lp).any():
+    out = lp.detach().to(torch.float64).cpu().numpy().reshape(grid.shape)
+    if np.isnan(out).any() or np.isposinf(out).any():
         raise ValueError(f"{label}(x) must be a log-density (finite or −inf); got "
-                         f"{np.count_nonzero(np.isnan(lp) | np.isposinf(lp))} NaN/+inf values on the grid")
-    if not np.isfinite(lp).any():
+                         f"{np.count_nonzero(np.isnan(out) | np.isposinf(out))} NaN/+inf values on the grid")
+    if not np.isfinite(out).any():
         raise ValueError(f"{label}(x) is −inf on every cell of the grid: the start density has no mass in the box")
-    return lp
+    return out
 
 
 def _reverse_nodes(sde: LinearSDE, grid: Grid, eps: float, t0: float, n_steps: int) -> np.ndarray:
@@ -207,6 +207,8 @@ def model_densities(
     Main arguments:
         score_fn: s_θ(x, t) for x of shape (b, D), t of shape (b,) (a ``ScoreModel``, or
             ``GaussianMixture.score_fn(sde)``); evaluated at t in [eps, t0] only. Points must not interact.
+            The ODE part differentiates it in x (exact ∇·s_θ); the FPE part calls it under
+            ``torch.no_grad()`` at the cell faces (a score that needs autograd itself must enable it).
         sde: the forward SDE (drift, diffusion, div_drift, prior_log_prob, prior_std).
         grid: a 1-D/2-D :class:`~fpe_lab.groundtruth.Grid`; D = grid.ndim.
         eps, t0: the model window, 0 < eps < t0 <= 1.
@@ -285,7 +287,8 @@ def model_densities(
     ode_seconds = time.perf_counter() - began
     log_q = -nll.nats.detach().to(torch.float64).cpu().numpy().reshape(grid.shape)
     if np.isnan(log_q).any() or np.isposinf(log_q).any():
-        raise FloatingPointError(f"PF-ODE log-density is NaN/+inf at {np.count_nonzero(np.isnan(log_q) | np.isposinf(log_q))} cells")
+        bad = np.count_nonzero(np.isnan(log_q) | np.isposinf(log_q))
+        raise FloatingPointError(f"PF-ODE log-density is NaN/+inf at {bad} of {log_q.size} cells")
     if not np.isfinite(log_q).any():
         raise FloatingPointError("PF-ODE density is 0 at every cell (log q = −inf): the start density vanishes "
                                  "where the trajectories end")
@@ -352,7 +355,8 @@ class DensityDistances:
     w2_block: tuple[int, ...]
 
     def as_dict(self) -> dict:
-        return {"tv": self.tv, "kl": self.kl, "hellinger": self.hellinger, "w2": self.w2, "w2_block": list(self.w2_block)}
+        return {"tv": self.tv, "kl": self.kl, "hellinger": self.hellinger, "w2": self.w2,
+                "w2_block": list(self.w2_block)}
 
 
 def _check_density(v, grid: Grid, name: str) -> np.ndarray:
@@ -398,7 +402,9 @@ def _w2(p: np.ndarray, q: np.ndarray, grid: Grid, max_cells: int) -> tuple[float
     return math.sqrt(max(float(w2sq), 0.0)), blocks
 
 
-def density_distances(p, q, grid: Grid, *, kl_floor: float = KL_FLOOR, w2_max_cells: int = W2_MAX_CELLS) -> DensityDistances:
+def density_distances(
+    p, q, grid: Grid, *, kl_floor: float = KL_FLOOR, w2_max_cells: int = W2_MAX_CELLS
+) -> DensityDistances:
     r"""TV, KL, Hellinger and W2 between two densities on ``grid``.
 
     p, q: arrays (numpy or torch) of shape ``grid.shape``, finite, nonnegative, with positive mass;
