@@ -50,8 +50,8 @@ EXACT_MAX_D = 8
 def variant_config(variant: str, dim: int, batch: int) -> RunConfig:
     """The study's configuration of one arm at dimension ``dim``."""
     base = {("data", "name"): "mixture", ("data", "dim"): dim, ("optim", "batch"): batch,
-            ("loss", "reg", "per_dim"): True, ("loss", "reg", "weighting"): "normalized",
-            ("loss", "reg", "residual_path"): "generic"}
+            ("loss", "reg", "per_dim"): True, ("loss", "reg", "fpe", "weighting"): "normalized",
+            ("loss", "reg", "fpe", "residual_path"): "generic"}
     match variant:
         case "dsm":
             arm = {("loss", "reg", "kind"): "none"}

@@ -29,7 +29,7 @@ import torch
 from step_memory import peak_step_memory, sync
 
 from fpe_lab import build
-from fpe_lab.config import RegKind, RunConfig, SDEKind, cifar10, digits
+from fpe_lab.config import RunConfig, SDEKind, cifar10, digits
 from fpe_lab.nets.unet import UNetSize
 
 VARIANTS = ("dsm", "fpe-p1", "fpe-p2", "fpe-p4")
@@ -41,9 +41,9 @@ def _config(variant: str, args) -> RunConfig:
     changes = {("model", "unet"): UNetSize(args.model), ("sde", "kind"): SDEKind(args.sde),
                ("optim", "batch"): args.batch, ("loss", "eps"): 1e-3}
     if variant == "dsm":
-        changes[("loss", "reg", "kind")] = RegKind.NONE
+        changes[("loss", "reg", "kind")] = "none"
     else:
-        changes[("loss", "reg", "kind")] = RegKind.FPE
+        changes[("loss", "reg", "kind")] = "fpe"
         changes[("loss", "reg", "probes")] = int(variant.removeprefix("fpe-p"))
     return PRESETS[args.data]().override(changes)
 

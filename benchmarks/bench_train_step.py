@@ -44,10 +44,11 @@ from step_memory import peak_step_memory, sync
 from tqdm import tqdm
 
 from fpe_lab.fpe import score_fpe_residual
-from fpe_lab.losses import FPERegularizer, ScoreFPELoss
+from fpe_lab.losses import ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.jet import jet_score_fpe_residual
 from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.regularizers.fpe import FPERegularizer
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 
 log = logging.getLogger("bench_train_step")

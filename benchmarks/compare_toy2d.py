@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fpe_lab import runs
 from fpe_lab.checkpoint import atomic_write_text
-from fpe_lab.config import Dataset, DeviceChoice, RegKind, RunConfig, SDEKind, toy2d
+from fpe_lab.config import Dataset, DeviceChoice, RunConfig, SDEKind, toy2d
 from fpe_lab.metrics.evaluate import EvalReport
 
 log = logging.getLogger("compare_toy2d")
@@ -60,7 +60,7 @@ METRICS: tuple[tuple[str, Callable[[EvalReport], float | None]], ...] = (
     ("SW₂ noise floor (data vs data)", _samples(lambda s: s.sliced_wasserstein.floor)),
 )
 REFERENCE_ROWS = {"SW₂ noise floor (data vs data)"}  # context, not a comparison
-REGS = (RegKind.NONE, RegKind.FPE)
+REGS = ("none", "fpe")
 TOY_DATA = tuple(d for d in Dataset if not d.is_image)
 
 
@@ -74,7 +74,7 @@ def _fmt(m: float, sd: float) -> str:
     return f"{m:.3g} ± {sd:.2g}"
 
 
-def table(rows: dict[RegKind, list[EvalReport]]) -> list[str]:
+def table(rows: dict[str, list[EvalReport]]) -> list[str]:
     """Markdown rows comparing the metrics of the two regularizers (reports over seeds)."""
     out = ["| metric | DSM (`--reg none`) | DSM+FPE (`--reg fpe`) | lower |", "|---|---|---|---|"]
     for label, get in METRICS:
@@ -82,9 +82,9 @@ def table(rows: dict[RegKind, list[EvalReport]]) -> list[str]:
         for reg in REGS:
             vals = [float(v) for v in (get(r) for r in rows[reg]) if v is not None]
             stats[reg] = _mean_std(vals) if vals else None
-        if stats[RegKind.NONE] is None or stats[RegKind.FPE] is None:
+        if stats["none"] is None or stats["fpe"] is None:
             continue
-        (m0, s0), (m1, s1) = stats[RegKind.NONE], stats[RegKind.FPE]
+        (m0, s0), (m1, s1) = stats["none"], stats["fpe"]
         margin = math.hypot(s0, s1)
         verdict = "fpe" if m1 < m0 - margin else "none" if m0 < m1 - margin else "≈"
         verdict = "—" if label in REFERENCE_ROWS else verdict
@@ -92,11 +92,11 @@ def table(rows: dict[RegKind, list[EvalReport]]) -> list[str]:
     return out
 
 
-def run_config(data: Dataset, sde: SDEKind, reg: RegKind, lam: float, seed: int, args) -> RunConfig:
+def run_config(data: Dataset, sde: SDEKind, reg: str, lam: float, seed: int, args) -> RunConfig:
     """The toy2d preset with this comparison's settings (plain DSM: reg none, lam 0)."""
     return toy2d().override({
         ("data", "name"): data, ("sde", "kind"): sde, ("loss", "reg", "kind"): reg,
-        ("loss", "reg", "lam"): 0.0 if reg is RegKind.NONE else lam, ("seed",): seed, ("optim", "steps"): args.steps,
+        ("loss", "reg", "lam"): 0.0 if reg == "none" else lam, ("seed",): seed, ("optim", "steps"): args.steps,
         ("eval", "points"): args.eval_points, ("eval", "nll_points"): args.eval_nll_points,
         ("eval", "samples"): args.eval_samples, ("device",): DeviceChoice(args.device),
     })
@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [run_config(d, s, r, args.lam, seed, args) for d, s, r, seed in todo]
     except ValueError as e:
         p.error(str(e))
-    results: dict[tuple, dict[RegKind, list[EvalReport]]] = {}
-    failed: dict[tuple, dict[RegKind, int]] = {}
+    results: dict[tuple, dict[str, list[EvalReport]]] = {}
+    failed: dict[tuple, dict[str, int]] = {}
     start = time.perf_counter()
     for i, ((data, sde, reg, _seed), config) in enumerate(zip(todo, configs), 1):
         folder = runs.run_dir(config, args.out)
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"**{data.value}, {sde.value.upper() if sde is not SDEKind.SUBVP else 'sub-VP'}**", ""]
         lines += table(rows)
         n_fail = failed.get((data, sde), {reg: 0 for reg in REGS})
-        lines += [f"| runs finished / diverged | {len(rows[RegKind.NONE])} / {n_fail[RegKind.NONE]} | "
-                  f"{len(rows[RegKind.FPE])} / {n_fail[RegKind.FPE]} | — |", ""]
+        lines += [f"| runs finished / diverged | {len(rows['none'])} / {n_fail['none']} | "
+                  f"{len(rows['fpe'])} / {n_fail['fpe']} | — |", ""]
     text = "\n".join(lines)
     print(text)
     atomic_write_text(args.out / "table.md", text + "\n")

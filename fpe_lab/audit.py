@@ -235,10 +235,10 @@ def audit(
             rel, rel_se = cat["res"].ratio(cat["scale"])
             asym, asym_se = cat["asym"].ratio(cat["jsq"])
             dsm, dsm_se = cat["dsm"].mean, cat["dsm"].se
-            for k, v in (("times", float(t)), ("residual", res), ("residual_se", res_se), ("residual_rel", rel),
-                         ("residual_rel_se", rel_se), ("term_scale", cat["scale"].mean),
-                         ("asymmetry", asym), ("asymmetry_se", asym_se), ("dsm", dsm), ("dsm_se", dsm_se)):
-                series[k].append(v)
+            for name, value in (("times", float(t)), ("residual", res), ("residual_se", res_se),
+                                ("residual_rel", rel), ("residual_rel_se", rel_se), ("term_scale", cat["scale"].mean),
+                                ("asymmetry", asym), ("asymmetry_se", asym_se), ("dsm", dsm), ("dsm_se", dsm_se)):
+                series[name].append(value)
     return AuditReport(**{k: tuple(v) for k, v in series.items()}, dim=dim, points=points,
                        probes=None if exact else probes, sde=str(sde))
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from fpe_lab import data as data_sets
 from fpe_lab import regularizers
 from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fpe_lab.config import Dataset, DeviceChoice, RunConfig, SDEConfig, SDEKind
+from fpe_lab.config import DeviceChoice, RunConfig, SDEConfig, SDEKind
 from fpe_lab.losses import ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
@@ -46,53 +48,23 @@ def build_sde(config: SDEConfig) -> LinearSDE:
     raise ValueError(f"sde kind must be one of {[k.value for k in SDEKind]}; got {config.kind!r}")
 
 
-def _load_images(config: RunConfig, split):
-    from fpe_lab.data.images import load_cifar10, load_digits
-
-    match config.data.name:
-        case Dataset.CIFAR10:
-            assert config.data.data_dir is not None  # RunConfig requires it for cifar10
-            data = load_cifar10(config.data.data_dir, split)
-        case Dataset.DIGITS:
-            data = load_digits(split)
-        case _:
-            raise ValueError(f"{config.data.name.value} is not an image set")
-    if data.image_shape != config.data.name.shape:
-        raise ValueError(f"{config.data.name.value} images are {data.image_shape} (C, H, W); expected "
-                         f"{config.data.name.shape}")
-    return data
+def build_data(config: RunConfig) -> Any:
+    """Training data (:func:`fpe_lab.data.load`): ``sample(n, generator)``, ``truth(sde)``, ``dequantization()``."""
+    return data_sets.load(config.data, data_sets.Split.TRAIN)
 
 
-def build_data(config: RunConfig):
-    """Training data: a toy distribution or the D-dimensional mixture (``sample(n, generator)``, exact
-    p_t known; ``fpe_lab.data.mixture``) or the image training split (``fpe_lab.data.images.ImageDataset``)."""
-    if config.data.name.is_image:
-        from fpe_lab.data.images import ImageSplit
-
-        return _load_images(config, ImageSplit.TRAIN)
-    if config.data.name is Dataset.MIXTURE:
-        from fpe_lab.data.mixture import mixture_data
-
-        return mixture_data(config.data.dim, config.data.components)
-    from fpe_lab.data.toy import toy_distribution
-
-    return toy_distribution(config.data.name.value)
+def build_eval_data(config: RunConfig) -> Any:
+    """Held-out data: the test split of an image set, fresh draws of a distribution."""
+    return data_sets.load(config.data, data_sets.Split.TEST)
 
 
-def build_eval_data(config: RunConfig):
-    """Held-out data for evaluation: the toy distribution itself (fresh draws) or the image test split."""
-    if config.data.name.is_image:
-        from fpe_lab.data.images import ImageSplit
-
-        return _load_images(config, ImageSplit.TEST)
-    return build_data(config)
-
-
-def batch_sampler(config: RunConfig, data, local_batch: int | None = None) -> Callable[[torch.Generator], torch.Tensor]:
+def batch_sampler(
+    config: RunConfig, data: Any, local_batch: int | None = None
+) -> Callable[[torch.Generator], torch.Tensor]:
     """``sample(generator) -> x0`` of ``local_batch`` (default: the configured batch) training points."""
     n = local_batch or config.optim.batch
-    if config.data.name.is_image:
-        return lambda g: data.sample(n, g, hflip=config.data.hflip)
+    if config.data.hflip:
+        return lambda g: data.sample(n, g, hflip=True)
     return lambda g: data.sample(n, g)
 
 
@@ -102,12 +74,12 @@ def build_model(config: RunConfig, sde: LinearSDE, dtype: torch.dtype = torch.fl
     m = config.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.data.name.is_image:
+        if config.data.is_image:
             import dataclasses
 
             from fpe_lab.nets.unet import UNet, UNetConfig
 
-            c, h, w = config.data.name.shape
+            c, h, w = config.data.shape
             unet = UNetConfig.preset(m.unet, in_channels=c, image_size=h, dropout=m.dropout)
             if m.width is not None:
                 unet = dataclasses.replace(unet, channels=m.width)

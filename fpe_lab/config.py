@@ -74,9 +74,14 @@ MIXTURE_MAX_DIM = 4096
 D×D covariance per evaluation point and component, b·K·D²·8 bytes in float64 (2 GiB for b = 4, K = 4 at
 D = 4096), so evaluating at large D needs a small ``--eval-batch``."""
 MIXTURE_MAX_COMPONENTS = 64
+MIXTURE_MAX_RANK = 64
+MIXTURE_MAX_IMAGE_DIM = 3 * 64 * 64
+"""Largest D of an image-shaped mixture: its truth is low-rank (O(K·D·r) per point, no D×D matrix)."""
 # ---------------------------------------------------------------------- choices
 class Dataset(enum.Enum):
-    """The data sets: 2-D toy sets (``fpe_lab.data.toy``, exact p_t known) and image sets (``fpe_lab.data.images``)."""
+    """The data sets (loaded by :func:`fpe_lab.data.load`): 2-D toy sets (``fpe_lab.data.toy``, exact p_t known),
+    real image sets (``fpe_lab.data.images``), and Gaussian mixtures with exact p_t in any shape
+    (``fpe_lab.data.mixture``; ``digits-gmm``: the mixture fitted to the 8×8 digits, ``fpe_lab.data.digits_gmm``)."""
 
     GMM = "gmm"
     EIGHT_GAUSSIANS = "8gaussians"
@@ -87,10 +92,12 @@ class Dataset(enum.Enum):
     PINWHEEL = "pinwheel"
     CIFAR10 = "cifar10"
     DIGITS = "digits"
-    MIXTURE = "mixture"  # a Gaussian mixture in D = data.dim dimensions (fpe_lab.data.mixture)
+    MIXTURE = "mixture"  # a Gaussian mixture in D = data.dim dimensions, or of data.data_shape (fpe_lab.data.mixture)
+    DIGITS_GMM = "digits-gmm"  # the Gaussian mixture fitted to the 8×8 digits: images with exact truth
 
     @property
     def is_image(self) -> bool:
+        """A set of real, quantized images (files or scikit-learn's digits): bits/dim, no exact truth."""
         return self in (Dataset.CIFAR10, Dataset.DIGITS)
 
     @property
@@ -100,7 +107,7 @@ class Dataset(enum.Enum):
         match self:
             case Dataset.CIFAR10:
                 return (3, 32, 32)
-            case Dataset.DIGITS:
+            case Dataset.DIGITS | Dataset.DIGITS_GMM:
                 return (1, 8, 8)
             case Dataset.MIXTURE:
                 raise ValueError("data mixture has shape (data.dim,), set per run: use DataConfig.shape "
@@ -149,25 +156,48 @@ class DataConfig(Section):
     dim: int = setting(2, f"mixture: the dimension D, in [1, {MIXTURE_MAX_DIM}] (other data sets: must stay 2)",
                        flag="data-dim")
     components: int = setting(4, f"mixture: the number of Gaussian components, in [1, {MIXTURE_MAX_COMPONENTS}]")
+    data_shape: tuple[int, ...] | None = setting(None, "mixture: the shape of a sample, e.g. 3,32,32 (images, "
+                                                 "trained with the U-Net); none: (data_dim,)")
+    rank: int = setting(0, f"mixture: extra directions per component, covariance U Uᵀ + sd² I (exact truth "
+                        f"by Woodbury), in [0, {MIXTURE_MAX_RANK}]", flag="mixture-rank")
 
     def __post_init__(self) -> None:
         self._check_enums()
         if self.hflip and not self.name.is_image:
-            raise ValueError(f"hflip applies to images only; data {self.name.value} is points")
+            raise ValueError(f"hflip applies to real images only; data {self.name.value} is not")
         _check_int("data_dim", self.dim, 1, MIXTURE_MAX_DIM)
         _check_int("components", self.components, 1, MIXTURE_MAX_COMPONENTS)
-        if self.name is not Dataset.MIXTURE and (self.dim, self.components) != (2, 4):
-            raise ValueError(f"data_dim and components apply to data mixture only; data {self.name.value} has "
-                             f"data_dim {self.dim}, components {self.components} (leave them at 2 and 4)")
+        _check_int("mixture_rank", self.rank, 0, MIXTURE_MAX_RANK)
+        if self.name is not Dataset.MIXTURE and ((self.dim, self.components, self.rank) != (2, 4, 0)
+                                                 or self.data_shape is not None):
+            raise ValueError(f"data_dim, components, data_shape and mixture_rank apply to data mixture only; data "
+                             f"{self.name.value} has data_dim {self.dim}, components {self.components}, data_shape "
+                             f"{self.data_shape}, mixture_rank {self.rank} (leave them at 2, 4, none and 0)")
+        if self.data_shape is not None:
+            if not 1 <= len(self.data_shape) <= 3 or not all(isinstance(n, int) and n >= 1 for n in self.data_shape):
+                raise ValueError(f"data_shape must be 1 to 3 positive integers (D, or C,H,W); got {self.data_shape}")
+            if self.dim != 2:
+                raise ValueError(f"give either data_dim or data_shape; got data_dim {self.dim} and data_shape "
+                                 f"{self.data_shape}")
+            if math.prod(self.data_shape) > MIXTURE_MAX_IMAGE_DIM:
+                raise ValueError(f"data_shape {self.data_shape} holds {math.prod(self.data_shape)} values; at most "
+                                 f"{MIXTURE_MAX_IMAGE_DIM}")
+            if len(self.data_shape) == 3 and self.data_shape[1] != self.data_shape[2]:
+                raise ValueError(f"data_shape C,H,W must be square images (the U-Net); got {self.data_shape}")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Shape of one sample: (dim,) for the mixture, (2,) for the toy sets, (C, H, W) for images."""
+        """Shape of one sample: (dim,) or data_shape for the mixture, (2,) for the toy sets, (C, H, W) for images."""
         match self.name:
             case Dataset.MIXTURE:
-                return (self.dim,)
+                return self.data_shape if self.data_shape is not None else (self.dim,)
             case _:
                 return self.name.shape
+
+    @property
+    def is_image(self) -> bool:
+        """Samples of shape (C, H, W): trained with the U-Net, evaluated in float32 on the device."""
+        return len(self.shape) == 3
 
 
 @dataclass(frozen=True)
@@ -504,8 +534,14 @@ def _hashed(config: RunConfig) -> dict[str, Any]:
     data, sde, model = out["data"], out["sde"], out["model"]
     if config.data.name is not Dataset.MIXTURE:
         del data["dim"], data["components"]  # fixed at 2 and 4 off the mixture
-    if not config.data.name.is_image:
-        data["data_dir"], model["unet"], model["dropout"] = None, UNetSize.TINY.value, None  # the MLP, no files
+    if config.data.data_shape is None:
+        del data["data_shape"]  # added after 0.2: absent unless set
+    if config.data.rank == 0:
+        del data["rank"]
+    if config.data.name is not Dataset.CIFAR10:
+        data["data_dir"] = None  # only cifar10 reads files
+    if not config.data.is_image:
+        model["unet"], model["dropout"] = UNetSize.TINY.value, None  # the MLP
     if config.sde.kind is SDEKind.VE:
         sde["beta_min"], sde["beta_max"] = 0.1, 20.0
     else:

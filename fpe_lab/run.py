@@ -1,6 +1,8 @@
 """Command-line entry point: ``python -m fpe_lab.run COMMAND [--flags]``.
 
-Each command lives in its own module under ``fpe_lab.commands``; this file only lists them.
+Each command lives in its own module under ``fpe_lab.commands``; this file only lists them, and holds
+the one contract for every command: exit codes, one ``error:`` line, no traceback, and SIGINT/SIGTERM
+handled from the first line of :func:`main` (:mod:`fpe_lab.interrupts`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fpe_lab.run",
         description="fpe_lab: the score Fokker-Planck equation testbed.",
+        allow_abbrev=False,
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -31,11 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done; 2 bad input (one ``error:`` line); 1 environment failure
-    (permissions, disk full, out of memory: one ``error:`` line); 130/143 interrupted by SIGINT/SIGTERM
-    after writing a checkpoint. No traceback unless ``--debug``."""
+    (permissions, disk full, out of memory, a run folder locked by another process: one ``error:`` line);
+    130/143 interrupted by SIGINT/SIGTERM, wherever it came (one line ``error: interrupted: …``; during
+    training after writing a checkpoint). No traceback unless ``--debug``."""
+    from fpe_lab.interrupts import Interrupted, raise_on_signals
+
+    with raise_on_signals():  # first: a signal during start-up (importing torch) is handled too
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            print(f"error: interrupted: {e}; every file written is complete (a run continues with --resume, a "
+                  "study when run again)", file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     from fpe_lab.train import TrainingInterrupted
 
+    from fpe_lab.commands.train import preload_plugins
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:  # a plug-in's regularizer and its flags must exist before the parser is built
+        preload_plugins(sys.argv[1:] if argv is None else argv)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

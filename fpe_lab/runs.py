@@ -8,9 +8,24 @@ finished run to N steps in the same folder. The folder holds
     config.json        the resolved RunConfig (passed back with --config, it reproduces the run)
     checkpoint.pt      latest state: model, EMA, optimizer, step, RNG states, loss history (state dicts)
     snapshots/         step_<k>.pt every optim.ckpt_every steps, the newest optim.keep of them
-    metrics.jsonl      one line per step: step, loss, dsm, fpe, lr, grad_norm, wall_s (``tail -f``-able)
-    metrics.json       the EvalReport of the EMA weights, with the step it was computed at
+    metrics.jsonl      one line per step: step, loss, dsm, reg, lr, grad_norm, wall_s (``tail -f``-able)
+    metrics.json       the EvalReport of the EMA weights, with the step it was computed at; its ``settings``
+                       record the evaluation settings used: ``eval`` (the eval section), ``eval_seed`` and
+                       ``device``. ``eval RUN --eval-… --device …`` overrides them for that evaluation only:
+                       config.json is written by training alone and never rewritten by ``eval``
     loss.png           the loss terms per step (from metrics.jsonl); score.png for 2-D data
+    init_from.json     with --init-from only: the source checkpoint, its fingerprint and step, which weights
+                       were read and their sha256 (:func:`fpe_lab.checkpoint.weights_sha256`); the same
+                       record is stored in every checkpoint under ``init_from``
+    run.lock           the lock of the process training or evaluating in the folder (an exclusive
+                       ``fcntl.flock``; the file names its pid and command while held, and is left empty)
+
+One process at a time works in a run folder: training (including its evaluation) and ``eval`` hold the
+folder's lock, and a second process is refused with :class:`RunBusyError` naming the holder. The lock
+is the operating system's, so it is released when the process ends, however it ends.
+
+A checkpoint records the fingerprint of the configuration it was trained with; resuming or evaluating
+a checkpoint whose fingerprint is not that of the folder's config.json (or that records none) is refused.
 
 From Python::
 
@@ -23,13 +38,20 @@ From Python::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import fcntl
 import io
 import json
 import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -42,25 +64,111 @@ from fpe_lab.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     read_config,
+    weights_sha256,
     write_config,
 )
 from fpe_lab.config import RunConfig, Weights, _hashed
 from fpe_lab.losses import LossTerms
-from fpe_lab.metrics.evaluate import EvalReport, evaluate as evaluate_score
+from fpe_lab.metrics.evaluate import EvalReport
+from fpe_lab.metrics.evaluate import evaluate as evaluate_score
 from fpe_lab.sde import LinearSDE
-from fpe_lab.train import TrainOptions, train as train_loop
+from fpe_lab.train import MAX_STEPS, TrainOptions
+from fpe_lab.train import train as train_loop
 
-__all__ = ["METRICS_NAME", "LOG_NAME", "Run", "run_dir", "read_history", "train", "load", "evaluate", "summary", "RunError"]
+__all__ = ["METRICS_NAME", "LOG_NAME", "LOCK_NAME", "INIT_FROM_NAME", "Run", "run_dir", "read_history", "train", "load",
+           "evaluate", "summary", "RunError", "RunBusyError", "lock_run", "check_limits", "MAX_EVAL_SEED"]
 
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
 LOG_NAME = "metrics.jsonl"
+LOCK_NAME = "run.lock"
+INIT_FROM_NAME = "init_from.json"
+MAX_EVAL_SEED = 2**62
+"""Largest evaluation seed (the run seed's bound; torch generators take at most 64-bit seeds)."""
 FIGURE_TIME = 0.1  # time of the score-field figure: structure of the data still visible
 
 
 class RunError(ValueError):
     """A run folder is missing, incomplete, or does not hold the run asked for."""
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run folder's lock (training or evaluating in it): not bad input, the
+    command line tools exit 1."""
+
+
+_held_locks: dict[str, int] = {}  # run folders whose lock this process holds, with the nesting depth
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        return f"pid {info['pid']}, {info['purpose']} since {info['since']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown: its lock file is not written yet"
+
+
+@contextlib.contextmanager
+def lock_run(folder: str | Path, purpose: str) -> Iterator[None]:
+    """Hold the run folder's lock for the block: an exclusive, non-blocking ``fcntl.flock`` on
+    ``folder/run.lock``, into which this process writes its pid, command, ``purpose`` and start time.
+    :class:`RunBusyError` naming the holder if another process has it. Re-entrant within a process
+    (training holds it through its own evaluation). Released when the block ends; the operating system
+    releases it when the process ends, also on a crash or kill."""
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held_locks:
+        _held_locks[key] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key] -= 1
+        return
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(f"run folder {folder} is in use by another process ({_holder(fd)}); wait for it to "
+                               "finish or stop it") from None
+        command = " ".join(shlex.join(getattr(sys, "orig_argv", sys.argv)).split())  # one line, for error messages
+        info = {"pid": os.getpid(), "command": command[:300] + ("…" if len(command) > 300 else ""), "purpose": purpose,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)  # written in place (a replaced file would be another lock): read only by _holder
+        os.pwrite(fd, (json.dumps(info) + "\n").encode("utf-8"), 0)
+        _held_locks[key] = 1
+        try:
+            yield
+        finally:
+            del _held_locks[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _check_trained_for(ckpt: Path, state: dict[str, Any], config: RunConfig) -> None:
+    """RunError unless the checkpoint ``state`` (read from ``ckpt``) was trained with ``config``'s fingerprint."""
+    got, want = state.get("fingerprint"), config.fingerprint()
+    if got != want:
+        raise RunError(f"{ckpt} was trained with fingerprint {got or 'none (it records none)'} but "
+                       f"{ckpt.parent / CONFIG_NAME} has fingerprint {want}: it is not the configuration its "
+                       "checkpoint was trained with (swapped in from another run, or config.json edited by hand?)")
+
+
+def check_limits(config: RunConfig) -> None:
+    """ValueError for settings the configuration accepts but a run cannot use, so that they fail before
+    training rather than after it: more than MAX_STEPS steps, an NLL tolerance of 1 or more, an evaluation
+    seed beyond MAX_EVAL_SEED."""
+    steps = config.optim.steps
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}]; got {steps}")
+    rtol = config.eval.rtol
+    if not rtol < 1:
+        raise ValueError(f"eval_rtol must be a finite number in (0, 1); got {rtol!r}")
+    seed = config.eval.seed
+    if seed is not None and seed > MAX_EVAL_SEED:
+        raise ValueError(f"eval_seed must be an integer in [0, {MAX_EVAL_SEED}]; got {seed}")
 
 
 def run_dir(config: RunConfig, out: str | Path) -> Path:
@@ -119,10 +227,7 @@ class Run:
         """The ScoreModel with the checkpoint's EMA (or raw) weights, in eval mode."""
         model = build.build_model(self.config, self.sde)
         state = load_checkpoint(self.path / CHECKPOINT_NAME)
-        trained_for = state.get("fingerprint")
-        if trained_for != self.config.fingerprint():
-            raise RunError(f"run folder {self.path}: its {CONFIG_NAME} (fingerprint {self.config.fingerprint()}) is not "
-                           f"the configuration its checkpoint was trained with ({trained_for}); was it edited by hand?")
+        _check_trained_for(self.path / CHECKPOINT_NAME, state, self.config)
         try:
             model.load_state_dict(state[weights.value])
         except (KeyError, RuntimeError) as e:
@@ -140,7 +245,11 @@ def read_history(folder: str | Path) -> list[dict[str, Any]]:
     path = Path(folder) / LOG_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for r in records:  # before 0.3 the regularizer's term was logged as "fpe"
+        if "fpe" in r and "reg" not in r:
+            r["reg"] = r.pop("fpe")
+    return records
 
 
 def load(path: str | Path) -> Run:
@@ -178,7 +287,9 @@ def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool]:
         _check_same_run(folder, config)
     resuming = resume and (folder / CHECKPOINT_NAME).is_file()
     if resuming:
-        done = int(load_checkpoint(folder / CHECKPOINT_NAME)["step"])
+        state = load_checkpoint(folder / CHECKPOINT_NAME)
+        _check_trained_for(folder / CHECKPOINT_NAME, state, config)
+        done = int(state["step"])
         if done > config.optim.steps:
             raise ValueError(f"run folder {folder} is at step {done}; --steps {config.optim.steps} would shrink it "
                              f"(pass --steps >= {done})")
@@ -209,9 +320,12 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
     """Train ``config`` in ``run_dir(config, out)``, evaluate its EMA weights, write metrics and figures.
 
     ``resume`` continues (or grows, when ``config.optim.steps`` is larger) the run in its folder. Every
-    input is checked before the folder is created: a failure before training leaves nothing behind.
-    Raises ValueError (bad input), ConfigMismatchError, NonFiniteLossError, TrainingInterrupted.
+    input is checked before the folder is created: a failure before training leaves nothing behind. The
+    main process holds the folder's lock (:func:`lock_run`) from its creation to the end of evaluation.
+    Raises ValueError (bad input), ConfigMismatchError, RunError (a checkpoint of another configuration),
+    RunBusyError, NonFiniteLossError, TrainingInterrupted.
     """
+    check_limits(config)
     env = env or distributed.DistEnv()
     device = env.device() if env.is_distributed else build.resolve_device(config.device)
     if config.optim.bf16 and device.type != "cuda":
@@ -219,17 +333,26 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
     if config.optim.batch % env.world_size:
         raise ValueError(f"--batch {config.optim.batch} must be divisible by the number of processes {env.world_size}")
     folder, resuming = _prepare(config, Path(out), resume)
-    with threads(config.threads):
+    with threads(config.threads), contextlib.ExitStack() as held:
         sde = build.build_sde(config.sde)
         data = build.build_data(config)
         model = build.build_model(config, sde)
         loss = build.build_loss(config, sde)
+        init_record = None
         if not resuming:
             build.init_weights(model, config)
+            init_record = _init_from_record(config)
         distributed.barrier(env)
         if env.is_main:
             folder.mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock_run(folder, "training"))
+            # again under the lock: another process may have written the folder since the first look
+            folder, resuming = _prepare(config, Path(out), resume)
+            if resuming:
+                init_record = load_checkpoint(folder / CHECKPOINT_NAME).get("init_from")
             write_config(folder, config.to_dict())
+            if init_record is not None and not resuming:
+                atomic_write_text(folder / INIT_FROM_NAME, json.dumps(init_record, indent=2) + "\n")
         distributed.barrier(env)
         rank_dir = folder if env.is_main else folder / "ranks" / f"rank{env.rank}"
         rank_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +364,8 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         options = TrainOptions(steps=config.optim.steps, lr=config.optim.lr, ema_decay=config.optim.ema_decay,
                                seed=distributed.rank_seed(config.seed, env), ckpt_every=config.optim.ckpt_every,
                                keep=config.optim.keep, grad_clip=config.optim.grad_clip,
-                               progress=progress and env.is_main, fingerprint=config.fingerprint())
+                               progress=progress and env.is_main, fingerprint=config.fingerprint(),
+                               init_from=init_record)
         log.info("run folder %s (%d process(es), device %s)\n%s", folder, env.world_size, device, sde)
         step_log = _StepLog(folder / LOG_NAME, load_checkpoint(folder / CHECKPOINT_NAME)["step"] if resuming else 0) \
             if env.is_main else None
@@ -255,12 +379,28 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
             for h in hooks:
                 h.remove()
         log.info("trained %d steps in %.1f s", result.step, result.wall_s)
-    run = Run(folder, config)
-    if env.is_main and evaluate_after:
-        report = evaluate(run, progress=progress, device=device)
-        log.info("%s", summary(report))
+        run = Run(folder, config)
+        if env.is_main and evaluate_after:
+            report = evaluate(run, progress=progress, device=device)
+            log.info("%s", summary(report))
     distributed.barrier(env)
     return run
+
+
+def _init_from_record(config: RunConfig) -> dict[str, Any] | None:
+    """What ``optim.init_from`` started the run from: the source checkpoint's path, fingerprint and step,
+    which weights were read and their sha256 (None without --init-from)."""
+    text = config.optim.init_from
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    state = load_checkpoint(path)  # build.init_weights has read it already: it exists and holds the weights
+    key = config.optim.init_weights.value
+    step = state.get("step")
+    return {"path": str(path), "fingerprint": state.get("fingerprint"), "step": int(step) if step is not None else None,
+            "weights": key, "sha256": weights_sha256(state[key])}
 
 
 def _bf16(loss_fn):
@@ -269,7 +409,7 @@ def _bf16(loss_fn):
     def wrapped(model, x0, generator) -> LossTerms:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             terms = loss_fn(model, x0, generator)
-        return LossTerms(total=terms.total.float(), dsm=terms.dsm.float(), fpe=terms.fpe.float())
+        return LossTerms(total=terms.total.float(), dsm=terms.dsm.float(), reg=terms.reg.float())
 
     return wrapped
 
@@ -282,8 +422,18 @@ def evaluate(run: Run, progress: bool = True, device: torch.device | str | None 
     Points: float64 on the CPU against the exact truth of the toy set. Images: the model's dtype on
     ``device`` (default: the configured device), held-out test images, bits/dim with dequantization.
     An unfinished run (fewer steps done than planned) is refused unless ``allow_partial``; the report
-    records the step it was computed at.
+    records the step it was computed at, and its ``settings`` the evaluation settings (``eval``,
+    ``eval_seed``, ``device``). Writes metrics.json and the figures only, never config.json; the device
+    and the settings are checked before anything is read or written. Holds the folder's lock.
     """
+    config = run.config
+    check_limits(config)
+    device = torch.device(device) if device is not None else build.resolve_device(config.device)
+    with lock_run(run.path, "evaluation"):
+        return _evaluate(run, progress, device, allow_partial)
+
+
+def _evaluate(run: Run, progress: bool, device: torch.device, allow_partial: bool) -> EvalReport:
     config = run.config
     done = run.steps_done
     if done == 0:
@@ -291,20 +441,14 @@ def evaluate(run: Run, progress: bool = True, device: torch.device | str | None 
     if done < config.optim.steps and not allow_partial:
         raise RunError(f"run folder {run.path} is unfinished: {done} of {config.optim.steps} steps done; "
                        "resume it with --resume, or pass --allow-partial to evaluate it as it is")
-    from fpe_lab.metrics.truth import MixtureTruth, ToyTruth
-
     with threads(config.threads):
         sde = run.sde
         data = build.build_eval_data(config)
-        if config.data.name.is_image:
-            from fpe_lab.likelihood import UniformDequantization
-
-            device = torch.device(device) if device is not None else build.resolve_device(config.device)
-            dtype, truth = torch.float32, None
-            dequantization = UniformDequantization(data.levels, -1.0, 1.0)
-        else:
-            device, dtype, dequantization = torch.device("cpu"), torch.float64, None
-            truth = MixtureTruth(data.mixture, sde) if data.mixture is not None else ToyTruth(data, sde)
+        truth, dequantization = data.truth(sde), data.dequantization()
+        if config.data.is_image:  # the U-Net: its own dtype, on the device
+            dtype = torch.float32
+        else:  # points: float64 on the CPU, against the exact truth
+            device, dtype = torch.device("cpu"), torch.float64
         model = run.model(dtype=dtype, device=device)
         e = config.eval
         report = evaluate_score(
@@ -312,6 +456,8 @@ def evaluate(run: Run, progress: bool = True, device: torch.device | str | None 
             generator=torch.Generator().manual_seed(config.eval_seed), n_nll=e.nll_points, nll_rtol=e.rtol,
             nll_repeats=e.repeats, dequantization=dequantization, n_samples=e.samples, probes=e.probes,
             batch_size=e.batch, dtype=dtype, device=device, step=done, progress=progress)
+        report = dataclasses.replace(report, settings={**report.settings, "eval": e.to_dict(),
+                                                       "eval_seed": config.eval_seed, "device": str(device)})
         atomic_write_text(run.path / METRICS_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
         _write_figures(run, model, sde, data, truth)
     return report
@@ -358,8 +504,8 @@ def _write_figures(run: Run, model, sde, data, truth) -> None:
         ax = fig.subplots()
         steps = [h["step"] for h in hist]
         ax.semilogy(steps, [max(h["dsm"], 1e-300) for h in hist], lw=0.8, label="DSM")
-        if any(h["fpe"] > 0 for h in hist):
-            ax.semilogy(steps, [max(h["fpe"], 1e-300) for h in hist], lw=0.8, label="regularizer term")
+        if any(h["reg"] > 0 for h in hist):
+            ax.semilogy(steps, [max(h["reg"], 1e-300) for h in hist], lw=0.8, label="regularizer term")
         ax.set_xlabel("step")
         ax.set_ylabel("loss per batch")
         ax.legend()

@@ -7,10 +7,20 @@ plain-DSM run per seed, and every arm of that seed starts from its EMA weights (
 protocol: equal steps for every arm, the DSM-only arm being the control).
 
 A study can be stopped and restarted at any point: finished runs are skipped, interrupted ones resume
-from their checkpoints. ``study.json`` records the plan; a folder holding another plan is refused.
+from their checkpoints. ``study.json`` records the plan; a folder holding another plan is refused. With
+``jobs > 1`` the runs go to worker processes; when the study is interrupted (SIGINT, SIGTERM, an error)
+its workers are sent SIGTERM, write a checkpoint at the end of their step and exit, and the study waits
+for them before it returns.
+
+Arms are settings that change the trained weights: the seed (the other axis of the study), settings that
+do not enter the run's fingerprint (steps, checkpointing, device, threads) and evaluation settings are
+refused as arm fields, since arms differing only in them would be the same run folder. A study holds at
+most MAX_RUNS runs (arms × seeds).
 
 The summary gives per arm and metric the mean over seeds, and the paired difference to the control arm
-(arm − control, per seed) with a 95% t-interval over seeds, marked where the interval excludes zero.
+(arm − control, per seed) with a 95% t-interval over seeds, marked where the interval excludes zero, on
+either side (:func:`paired_difference`; every metric is lower-is-better, so a starred negative Δ is a
+significant improvement and a starred positive one a significant degradation).
 """
 
 from __future__ import annotations
@@ -22,7 +32,13 @@ import itertools
 import json
 import logging
 import math
+import os
+import signal
+import threading
+import time
+import typing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,15 +48,23 @@ from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab import runs
 from fpe_lab.checkpoint import atomic_write_text
-from fpe_lab.config import Leaf, RegKind, RunConfig, _strip_optional, leaves
+from fpe_lab import regularizers
+from fpe_lab.config import Leaf, RunConfig, leaves
+from fpe_lab.settings import strip_optional
+from fpe_lab.interrupts import Interrupted
 from fpe_lab.metrics.evaluate import EvalReport
+from fpe_lab.train import TrainingInterrupted
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
-           "PLAN_NAME", "submitit_submit"]
+           "PLAN_NAME", "submitit_submit", "paired_difference", "MAX_RUNS", "WorkerFailure"]
 
 log = logging.getLogger(__name__)
 
 PLAN_NAME = "study.json"
+MAX_RUNS = 1000
+"""Most runs (arms × seeds) of one study; split a larger one into several studies."""
+WORKER_STOP_S = 120.0
+"""How long an interrupted study waits for a worker to checkpoint and exit before it kills it."""
 
 
 # ---------------------------------------------------------------------- arms
@@ -54,7 +78,7 @@ def _leaf_by_name() -> dict[str, Leaf]:
 
 
 def _parse_value(leaf: Leaf, text: str) -> Any:
-    kind, optional = _strip_optional(leaf.kind)
+    kind, optional = strip_optional(leaf.kind)
     if optional and text.lower() == "none":
         return None
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
@@ -74,6 +98,35 @@ def _parse_value(leaf: Leaf, text: str) -> Any:
     raise ValueError(f"--grid {leaf.flag}: this field cannot be swept")
 
 
+def _field_metadata(path: tuple[str, ...]) -> typing.Mapping[str, Any]:
+    """The dataclass field metadata of the configuration leaf at ``path`` ({} where it cannot be found)."""
+    cls: Any = RunConfig
+    try:
+        for key in path[:-1]:
+            hints = typing.get_type_hints(cls)
+            if key in hints and not getattr(cls.__dataclass_fields__[key], "metadata", {}).get("options"):
+                cls = strip_optional(hints[key])[0]
+            else:  # a regularizer's own options section, written under its name
+                cls = regularizers.get(key).Options
+        return cls.__dataclass_fields__[path[-1]].metadata
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def _check_arm_field(leaf: Leaf) -> None:
+    """ValueError unless ``leaf`` is a setting an arm may change: one that changes the trained weights."""
+    name = leaf.flag.replace("-", "_")
+    if leaf.path == ("seed",):
+        raise ValueError(f"--grid {name}: the seed is not an arm field: seeds are the study's other axis "
+                         "(--seeds N, --first-seed S), paired across the arms")
+    if leaf.path[0] == "eval":
+        raise ValueError(f"--grid {name}: evaluation settings are not arm fields (they do not change the trained "
+                         f"weights, so such arms would be one run); set it for every run with --{leaf.flag}")
+    if not _field_metadata(leaf.path).get("in_hash", True):
+        raise ValueError(f"--grid {name}: {name} is not an arm field (it does not change the trained weights, so "
+                         f"such arms would be one run folder); set it for every run with --{leaf.flag}")
+
+
 @dataclass(frozen=True)
 class Arm:
     """One setting of the swept fields: ``changes`` maps config paths to values; ``name`` reads ``k=v …``."""
@@ -88,7 +141,8 @@ class Arm:
 def parse_grid(items: Sequence[str]) -> list[Arm]:
     """``["reg=none,fpe", "lam=0.01,0.1"]`` → the cartesian product of the values, as arms (in order).
 
-    ValueError for an unknown field, a bad value or a repeated field."""
+    ValueError for an unknown field, a field that is not an arm field (:func:`_check_arm_field`), a bad
+    value, a repeated field, or more than MAX_RUNS arms."""
     by_name = _leaf_by_name()
     axes: list[tuple[Leaf, list[tuple[str, Any]]]] = []
     seen: set[tuple[str, ...]] = set()
@@ -102,11 +156,16 @@ def parse_grid(items: Sequence[str]) -> list[Arm]:
                              f"{sorted({leaf.flag.replace('-', '_') for leaf in leaves()})}")
         if leaf.path in seen:
             raise ValueError(f"--grid names {name!r} twice")
+        _check_arm_field(leaf)
         seen.add(leaf.path)
         vals = [v.strip() for v in values.split(",")]
         if len(set(vals)) != len(vals) or "" in vals:
             raise ValueError(f"--grid {item!r}: values must be distinct and nonempty")
         axes.append((leaf, [(v, _parse_value(leaf, v)) for v in vals]))
+    n_arms = math.prod(len(vals) for _, vals in axes)
+    if n_arms > MAX_RUNS:
+        raise ValueError(f"--grid gives {n_arms} arms ({' × '.join(str(len(v)) for _, v in axes)}); a study holds at "
+                         f"most {MAX_RUNS} runs (arms × seeds): split it into several studies")
     arms = []
     for combo in itertools.product(*(vals for _, vals in axes)):
         name = " ".join(f"{leaf.flag.replace('-', '_')}={text}" for (leaf, _), (text, _) in zip(axes, combo))
@@ -151,15 +210,30 @@ class StudyPlan:
             raise ValueError(f"seeds must not repeat a value; got {list(seeds)!r}")
         if self.pretrain_steps is not None and not (isinstance(self.pretrain_steps, int) and self.pretrain_steps >= 1):
             raise ValueError(f"pretrain_steps must be None or an int >= 1; got {self.pretrain_steps!r}")
+        by_path = {leaf.path: leaf for leaf in leaves()}
+        for arm in self.arms:
+            for path, _ in arm.changes:
+                leaf = by_path.get(tuple(path))
+                if leaf is not None:
+                    _check_arm_field(leaf)
+        init_from = ("optim", "init_from")
+        if self.pretrain_steps is not None and (self.base.optim.init_from is not None
+                                                or any(tuple(p) == init_from for a in self.arms for p, _ in a.changes)):
+            raise ValueError("--init-from and --pretrain-steps exclude each other: with --pretrain-steps every arm "
+                             "starts from its seed's pre-training run")
         unique: dict[str, Arm] = {}
         for arm in self.arms:
             key = arm.apply(self.base).fingerprint()  # validates every arm up front
             unique.setdefault(key, arm)
+        if len(unique) * len(seeds) > MAX_RUNS:
+            n = len(unique) * len(seeds)
+            raise ValueError(f"the study has {len(unique)} arms × {len(seeds)} seeds = {n} runs; a study holds at most "
+                             f"{MAX_RUNS} runs: split it into several studies")
         object.__setattr__(self, "arms", tuple(unique.values()))
         object.__setattr__(self, "seeds", seeds)
 
     def pretrain_config(self, seed: int) -> RunConfig:
-        base = self.base.override({("seed",): seed, ("loss", "reg", "kind"): RegKind.NONE,
+        base = self.base.override({("seed",): seed, ("loss", "reg", "kind"): regularizers.NONE,
                                    ("optim", "steps"): self.pretrain_steps, ("optim", "init_from"): None})
         return base
 
@@ -191,10 +265,90 @@ class StudyPlan:
 
 
 # ---------------------------------------------------------------------- running
+class WorkerFailure(RuntimeError):
+    """A study worker process ended without reporting its run (killed from outside, out of memory)."""
+
+
 def _train_one(config_json: str, out: str) -> str:
     """Train and evaluate one run (resuming it); in a worker process, quietly."""
     config = RunConfig.from_json(config_json)
     return str(runs.train(config, Path(out), resume=True, progress=False).path)
+
+
+# ---------------------------------------------------------------------- worker processes
+_in_run = False  # in a worker: whether a run is in progress (a signal then unwinds it, so its files stay whole)
+
+
+def _worker_signal(signum: int, frame: object) -> None:
+    if _in_run:
+        raise Interrupted(signum)
+    os._exit(128 + signum)  # idle: nothing to clean up
+
+
+def _worker_init() -> None:
+    """A worker leaves SIGINT (a terminal's Ctrl-C reaches the whole process group) to its parent, which
+    stops the workers with SIGTERM; SIGTERM unwinds the run in progress (the training loop finishes its step
+    and writes a checkpoint) and the worker exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_signal)
+
+
+def _train_in_worker(config_json: str, out: str) -> str:
+    global _in_run
+    _in_run = True
+    try:
+        return _train_one(config_json, out)
+    except (Interrupted, TrainingInterrupted) as e:  # told to stop: take no further run
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(e.exit_code)
+    finally:
+        _in_run = False
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to every worker, then wait up to WORKER_STOP_S for each to checkpoint and exit (SIGKILL after
+    that, or at once on a second SIGINT/SIGTERM)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+
+    def kill(signum: int, frame: object) -> None:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, kill) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + WORKER_STOP_S
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_in_workers(todo: list[tuple[str, str]], jobs: int, bar) -> None:
+    """The runs ``todo`` on ``jobs`` worker processes; on any exception or signal the workers are stopped
+    (:func:`_stop_workers`) before it propagates."""
+    pool = ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init)
+    try:
+        for _ in pool.map(_train_in_worker, *zip(*todo)):
+            bar.update(1)
+    except BrokenProcessPool:
+        _stop_workers(pool)
+        raise WorkerFailure("a study worker process ended without finishing its run (killed from outside, or out of "
+                            "memory?); finished runs are kept: run the study again to continue") from None
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _check_plan(plan: StudyPlan, out: Path) -> None:
@@ -251,10 +405,8 @@ def run_study(plan: StudyPlan, out: str | Path, jobs: int = 1, progress: bool = 
                 for c, o in todo:
                     _train_one(c, o)
                     bar.update(1)
-            else:
-                with ProcessPoolExecutor(max_workers=jobs) as pool:
-                    for _ in pool.map(_train_one, *zip(*todo)) if todo else []:
-                        bar.update(1)
+            elif todo:
+                _run_in_workers(todo, jobs, bar)
     finally:
         bar.close()
     return [runs.run_dir(c, o) for c, o in arm_runs]
@@ -300,6 +452,24 @@ SUMMARY_METRICS: tuple[tuple[str, Callable[[EvalReport], float | None]], ...] = 
 """(column, getter on the EvalReport): the metrics of the summary; lower is better for each."""
 
 
+def paired_difference(diffs: Sequence[float]) -> tuple[float, float, float, bool]:
+    """(mean, lo, hi, significant) of the paired differences ``diffs`` (arm − control, one per seed): their
+    mean with a 95% t-interval over seeds, significant where the interval excludes zero on either side
+    (lo > 0: the arm is worse, hi < 0: better, every metric being lower-is-better). One difference has no
+    interval: (d, −inf, +inf, False)."""
+    n = len(diffs)
+    if n == 0:
+        raise ValueError("paired_difference needs at least one difference")
+    mean = sum(diffs) / n
+    if n > 1:
+        sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    else:
+        half = math.inf
+    lo, hi = mean - half, mean + half
+    return mean, lo, hi, bool(n > 1 and (lo > 0 or hi < 0))
+
+
 def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
     """Per arm: mean over seeds of each metric (and step time), and the paired difference to the control
     (the first arm): mean, 95% t-interval over seeds, and whether it excludes zero.
@@ -334,15 +504,8 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
                 continue
             diffs = [values[arm.name][s][name] - values[control][s][name] for s in plan.seeds
                      if name in values[arm.name][s] and name in values[control][s]]
-            n = len(diffs)
-            mean = sum(diffs) / n
-            if n > 1:
-                sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-                half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-            else:
-                half = math.inf
-            row[f"{name}_diff"], row[f"{name}_lo"], row[f"{name}_hi"] = mean, mean - half, mean + half
-            row[f"{name}_sig"] = n > 1 and (mean - half > 0 or mean + half < 0)
+            (row[f"{name}_diff"], row[f"{name}_lo"], row[f"{name}_hi"],
+             row[f"{name}_sig"]) = paired_difference(diffs)
         rows.append(row)
     return rows
 

@@ -3,22 +3,28 @@
 The loop knows nothing about SDEs, data shapes or networks: 2-D points and images differ only in
 the model, the batch sampler and the loss object passed in (:class:`fpe_lab.losses.ScoreFPELoss`).
 
-Reproducibility: all randomness comes from two generators seeded from ``seed`` — ``data`` (CPU)
-for ``sample_batch`` and ``noise`` (on the training device) for the loss's t and z — plus the global
-torch RNG (for anything that uses it, e.g. a Hutchinson estimator without its own generator).
-A checkpoint stores the model, EMA and optimizer state, the step, the three RNG states and the loss
-history, so that killing a run and resuming it gives the same weights as an uninterrupted run.
+Reproducibility: all randomness comes from generators seeded from ``seed`` — ``data`` (CPU) for
+``sample_batch``, ``noise`` (on the training device) for the loss's t and z, and the global torch RNG
+(CPU, and CUDA's when training on a GPU) for anything that draws from it, e.g. the U-Net's dropout. The
+global RNG is seeded at the start of training inside ``torch.random.fork_rng``, so the caller's global
+state neither matters nor changes. A checkpoint stores the model, EMA and optimizer state, the step, the
+RNG states (``data``, ``noise``, ``torch`` and, on CUDA, ``cuda``) and the loss history, so that killing
+a run and resuming it gives the same weights as an uninterrupted run, and two runs of one configuration
+write equal checkpoints. A checkpoint also stores the run's ``fingerprint``; resuming a checkpoint whose
+fingerprint is not the one asked for is refused.
 
 A non-finite loss or gradient stops training before the optimizer step: nothing is updated and
 no checkpoint is written, so the last checkpoint on disk is the last good state.
 
 A run grows: resuming a checkpoint at step k with ``steps`` N > k continues to N, and the result equals
 an uninterrupted N-step run bitwise (nothing in the loop depends on N). SIGINT and SIGTERM finish the
-current step, write a checkpoint at it and raise :class:`TrainingInterrupted`.
+current step, write a checkpoint at it and raise :class:`TrainingInterrupted` (also when the signal came
+during the last step: the caller then skips what follows training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -36,9 +42,17 @@ from fpe_lab.progress import progress_bar as tqdm
 from fpe_lab.checkpoint import CHECKPOINT_NAME, SNAPSHOT_DIR, load_checkpoint, save_checkpoint, save_snapshot
 from fpe_lab.losses import LossTerms
 
-__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "StepRecord", "BatchSampler", "LossFn", "train", "ema_update", "ema_decay_at"]
+__all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "StepRecord", "BatchSampler",
+           "LossFn", "train", "ema_update", "ema_decay_at", "MAX_STEPS"]
 
 log = logging.getLogger(__name__)
+
+MAX_STEPS = 10**9
+"""Most optimizer steps of one run (beyond any real run; larger counts are typing errors)."""
+
+GLOBAL_SEED_OFFSET = 2_000_003
+"""The global torch RNG of a run is seeded with ``seed + GLOBAL_SEED_OFFSET`` (the data generator uses
+``seed``, the noise generator ``seed + 1_000_003``: three distinct streams)."""
 
 BatchSampler = Callable[[torch.Generator], torch.Tensor]
 """``sample_batch(generator) -> x0`` of shape (b, *dims), on any device (moved by the loop)."""
@@ -64,7 +78,7 @@ class TrainingInterrupted(Exception):
 
 
 StepRecord = dict
-"""One line of ``metrics.jsonl``: {"step", "loss", "dsm", "fpe", "lr", "grad_norm", "wall_s"}."""
+"""One line of ``metrics.jsonl``: {"step", "loss", "dsm", "reg", "lr", "grad_norm", "wall_s"}."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +89,17 @@ class TrainOptions:
         steps: total number of optimizer steps (a resumed run continues up to this number).
         lr: Adam learning rate.
         ema_decay: EMA of the weights, ema ← d·ema + (1 − d)·θ after every step, d = ``ema_decay_at``.
-        seed: seeds the data and noise generators (and nothing global).
+        seed: seeds the data and noise generators and, inside the call only, the global torch RNG.
         ckpt_every: write a checkpoint every this many steps (and at the end), and a numbered snapshot
             ``snapshots/step_<k>.pt`` beside it.
         keep: numbered snapshots kept (the oldest are removed; 0: none).
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         progress: show a tqdm bar with the DSM and FPE losses.
         fingerprint: stored in every checkpoint, so a run folder can tell whether its checkpoint
-            was trained for its configuration.
+            was trained for its configuration; when nonempty, resuming a checkpoint that stores another
+            fingerprint (or none) is refused.
+        init_from: a record of the weights the run started from (source fingerprint, step, checksum), stored
+            in every checkpoint under ``init_from`` (None: not stored).
     """
 
     steps: int
@@ -94,11 +111,14 @@ class TrainOptions:
     grad_clip: float | None = None
     progress: bool = True
     fingerprint: str = ""
+    init_from: dict | None = None
 
     def __post_init__(self) -> None:
         for name, v in (("steps", self.steps), ("ckpt_every", self.ckpt_every)):
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be an int in [1, {MAX_STEPS}]; got {self.steps!r}")
         if not (isinstance(self.keep, int) and not isinstance(self.keep, bool) and self.keep >= 0):
             raise ValueError(f"keep must be an int >= 0; got {self.keep!r}")
         if not (isinstance(self.seed, int) and self.seed >= 0):
@@ -147,20 +167,55 @@ def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
     return {"data": data, "noise": noise}
 
 
-def _rng_state(gens: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+def _rng_state(gens: dict[str, torch.Generator], device: torch.device) -> dict[str, torch.Tensor]:
     state = {name: g.get_state() for name, g in gens.items()}
     state["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(gens: dict[str, torch.Generator], state: dict[str, torch.Tensor]) -> None:
+def _set_rng_state(gens: dict[str, torch.Generator], state: dict[str, torch.Tensor], device: torch.device) -> None:
     for name, g in gens.items():
         g.set_state(state[name].cpu())
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+@contextlib.contextmanager
+def _own_global_rng(seed: int, device: torch.device):
+    """The global torch RNG (and the training GPU's) seeded from ``seed`` inside the block and restored
+    after it: dropout and anything else that draws from it is reproducible, and the caller's state is
+    left as it was."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + GLOBAL_SEED_OFFSET)
+        yield
+
+
+class _History:
+    """The per-step (total, dsm, fpe) rows, float64, in a buffer that doubles when full (nothing of
+    size ``steps`` is allocated up front)."""
+
+    def __init__(self, steps: int) -> None:
+        self.buf = torch.zeros(min(steps, 1024), 3, dtype=torch.float64)
+
+    def set(self, step: int, row: torch.Tensor) -> None:
+        if step >= self.buf.shape[0]:
+            grown = torch.zeros(max(2 * self.buf.shape[0], step + 1), 3, dtype=torch.float64)
+            grown[: self.buf.shape[0]] = self.buf
+            self.buf = grown
+        self.buf[step] = row
+
+    def load(self, rows: torch.Tensor) -> None:
+        for_rows = torch.zeros(max(self.buf.shape[0], rows.shape[0]), 3, dtype=torch.float64)
+        for_rows[: rows.shape[0]] = rows
+        self.buf = for_rows
+
+    def upto(self, step: int) -> torch.Tensor:
+        return self.buf[:step].clone()
 
 
 def _grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
@@ -205,14 +260,25 @@ def train(
             and the checkpoint on disk keep the last good state.
         TrainingInterrupted: SIGINT/SIGTERM (handled only when called from the main thread); the
             checkpoint at the step reached is written first.
+        ValueError: the checkpoint to resume does not fit the model, or was trained for another
+            fingerprint than ``options.fingerprint``.
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _own_global_rng(options.seed, device):
+        return _train(model, loss_fn, sample_batch, options, device=device, run_dir=run_dir, resume=resume,
+                      on_step=on_step, main_dir=main_dir)
+
+
+def _train(model, loss_fn, sample_batch, options: TrainOptions, *, device: torch.device, run_dir, resume: bool,
+           on_step, main_dir) -> TrainResult:
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=options.lr)
     gens = _generators(options.seed, device)
-    history = torch.zeros(options.steps, 3, dtype=torch.float64)
+    history = _History(options.steps)
     step = 0
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     resumed_from = None
@@ -222,6 +288,10 @@ def train(
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in {run_dir}")
         state = load_checkpoint(ckpt_path, map_location=device)
+        if options.fingerprint and state.get("fingerprint") != options.fingerprint:
+            found = state.get("fingerprint") or "none"
+            raise ValueError(f"checkpoint {ckpt_path} was trained with fingerprint {found}, not {options.fingerprint} "
+                             "(the run asked for); it is not this run's checkpoint")
         if rng_only:  # another rank: the weights and optimizer are the main process's, the RNG state its own
             own_step, rng = int(state["step"]), state["rng"]
             state = load_checkpoint(Path(main_dir) / CHECKPOINT_NAME, map_location=device)
@@ -233,14 +303,14 @@ def train(
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
-            _set_rng_state(gens, state["rng"])
+            _set_rng_state(gens, state["rng"], device)
             step = int(state["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"checkpoint {ckpt_path} does not fit this model: {type(e).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
         if step > options.steps:
             raise ValueError(f"checkpoint in {run_dir} is at step {step}, beyond steps={options.steps}")
-        history[:step] = state["history"][:step]
+        history.load(state["history"][:step].to(dtype=torch.float64, device="cpu"))
         resumed_from = step
         log.info("resumed from %s at step %d", ckpt_path, step)
 
@@ -248,17 +318,20 @@ def train(
         if ckpt_path is None:
             return
         if rng_only:
-            save_checkpoint(ckpt_path, {"step": step, "rng": _rng_state(gens), "fingerprint": options.fingerprint})
+            save_checkpoint(ckpt_path, {"step": step, "rng": _rng_state(gens, device),
+                                        "fingerprint": options.fingerprint})
             return
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "rng": _rng_state(gens),
-            "history": history[:step].clone(),
+            "rng": _rng_state(gens, device),
+            "history": history.upto(step),
             "fingerprint": options.fingerprint,
         }
+        if options.init_from is not None:
+            state["init_from"] = options.init_from
         save_checkpoint(ckpt_path, state)
         if snapshot and options.keep > 0:
             save_snapshot(ckpt_path.parent / SNAPSHOT_DIR, step, state, keep=options.keep)
@@ -281,7 +354,7 @@ def train(
                 if not terms.is_finite():
                     vals = terms.floats()
                     raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (dsm={vals['dsm']:.4g}, fpe={vals['fpe']:.4g}); "
+                        f"non-finite loss at step {step + 1} (dsm={vals['dsm']:.4g}, reg={vals['reg']:.4g}); "
                         f"training stopped, {last_good()}; try a smaller learning rate or lam"
                     )
                 optimizer.zero_grad(set_to_none=True)
@@ -289,35 +362,38 @@ def train(
                 gnorm = _grad_norm(params, options.grad_clip)
                 if not torch.isfinite(gnorm):
                     raise NonFiniteLossError(
-                        f"non-finite gradient at step {step + 1} (loss {float(terms.total):.4g}); "
+                        f"non-finite gradient at step {step + 1} (loss {float(terms.total.detach()):.4g}); "
                         f"training stopped, {last_good()}; try a smaller learning rate or lam"
                     )
                 optimizer.step()
                 ema_update(ema, model, ema_decay_at(step, options.ema_decay))
                 vals = terms.floats()
-                history[step] = torch.tensor([vals["total"], vals["dsm"], vals["fpe"]], dtype=torch.float64)
+                history.set(step, torch.tensor([vals["total"], vals["dsm"], vals["reg"]], dtype=torch.float64))
                 step += 1
                 periodic = step % options.ckpt_every == 0
                 if periodic or step == options.steps:
                     save(snapshot=periodic)
                 if on_step is not None:
-                    on_step({"step": step, "loss": vals["total"], "dsm": vals["dsm"], "fpe": vals["fpe"],
+                    on_step({"step": step, "loss": vals["total"], "dsm": vals["dsm"], "reg": vals["reg"],
                              "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gnorm),
                              "wall_s": time.perf_counter() - start})
                 if options.progress:
-                    for k in ("dsm", "fpe"):
+                    for k in ("dsm", "reg"):
                         smooth[k] = vals[k] if k not in smooth else 0.95 * smooth[k] + 0.05 * vals[k]
                     bar.update(1)
                     if step % 10 == 0 or step == options.steps:
-                        bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", fpe=f"{smooth['fpe']:.4g}", refresh=False)
+                        bar.set_postfix(dsm=f"{smooth['dsm']:.4g}", reg=f"{smooth['reg']:.4g}", refresh=False)
                 if caught and step < options.steps:
                     save(snapshot=False)
                     raise TrainingInterrupted(step, caught[0], saved=ckpt_path is not None)
+            if caught:  # during the last step: its checkpoint is written; what follows training is skipped
+                raise TrainingInterrupted(step, caught[0], saved=ckpt_path is not None)
         finally:
             bar.close()
     model.eval()
     ema.eval()
-    return TrainResult(model=model, ema=ema, step=step, history=history, wall_s=time.perf_counter() - start,
+    return TrainResult(model=model, ema=ema, step=step, history=history.upto(options.steps),
+                       wall_s=time.perf_counter() - start,
                        resumed_from=resumed_from)
 
 

@@ -1,11 +1,25 @@
-"""Shared fixtures: one thread per test process, the three SDEs, a 2-D mixture, float64 helpers;
-and the ``gpu`` marker's skip on machines without CUDA."""
+"""Shared fixtures: one thread per test process, the units every contract test iterates over, a 2-D mixture,
+float64 helpers; and the ``gpu`` marker's skip on machines without CUDA.
+
+A new SDE, regularizer or data set added to these lists (or, for regularizers and data sets, to the
+package's own list they are read from) inherits every shared contract test.
+"""
 
 import pytest
 import torch
 
+from fpe_lab import regularizers
+from fpe_lab.config import Dataset
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+
+ALL_SDES = (VESDE(), VPSDE(), SubVPSDE())
+"""The forward SDEs with the Score SDE default coefficients."""
+SDE_IDS = ("ve", "vp", "subvp")
+ALL_REGULARIZERS = regularizers.BUILTINS
+"""The built-in regularizer classes (fpe_lab.regularizers.BUILTINS)."""
+ALL_DATASETS = tuple(Dataset)
+"""Every configurable data set (fpe_lab.config.Dataset; loaded by fpe_lab.data.load)."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,7 +42,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(params=[VESDE(), VPSDE(), SubVPSDE()], ids=["ve", "vp", "subvp"])
+@pytest.fixture(params=ALL_SDES, ids=SDE_IDS)
 def any_sde(request):
     """Each of the three forward SDEs with the Score SDE default coefficients."""
     return request.param

@@ -72,7 +72,7 @@ def test_fingerprint_ignores_steps_checkpoints_device_and_evaluation_only():
     ({"optim": {"steps": 0}}, "steps must be an integer >= 1; got 0"),
     ({"optim": {"ema_decay": 1.0}}, "ema_decay"),
     ({"model": {"width": 0}}, "width"),
-    ({"data": {"hflip": True}}, "hflip applies to images only"),
+    ({"data": {"hflip": True}}, "hflip applies to real images only"),
     ({"eval": {"times": []}}, "eval times"),
     ({"loss": {"reg": {"kind": "hodsm", "hodsm": {"order": 4}}}}, "hodsm order must be 2 or 3"),
     ({"loss": {"reg": {"hodsm": {"order": 3}}}}, "loss.reg.hodsm is the section of reg hodsm; this configuration's reg is fpe"),
@@ -123,7 +123,7 @@ def test_mixture_config_round_trips_and_sets_the_dimension():
     ({"data": {"name": "mixture", "dim": 2.5}}, r"data.dim must be an integer; got 2.5"),
     ({"data": {"name": "mixture", "components": 0}}, r"components must be an integer in \[1, 64\]; got 0"),
     ({"data": {"name": "mixture", "components": 65}}, r"components must be an integer in \[1, 64\]; got 65"),
-    ({"data": {"name": "gmm", "dim": 3}}, "data_dim and components apply to data mixture only"),
+    ({"data": {"name": "gmm", "dim": 3}}, "data_dim, components, data_shape and mixture_rank apply to data mixture only"),
     ({"data": {"name": "mixture", "dim": 16}}, r"residual_path jet supports data_dim <= 8 .* got data_dim 16"),
 ])
 def test_bad_mixture_configurations_name_the_field(d, match):

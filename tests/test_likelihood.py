@@ -9,10 +9,11 @@ from fpe_lab.fpe import ExactDivergence, Hutchinson, Probe
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.likelihood import FixedProbeHutchinson, UniformDequantization, bits_per_dim, pf_ode_nll
 from fpe_lab.sampling import ODEMethod
-from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from fpe_lab.sde import VESDE, VPSDE
 from fpe_lab.shapes import append_dims, flat_dim
+from tests.conftest import ALL_SDES
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
+SDES = list(ALL_SDES)
 
 
 class IsoGaussian:

@@ -14,9 +14,10 @@ from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from tests.conftest import ALL_SDES, SDE_IDS
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
-IDS = ["ve", "vp", "subvp"]
+SDES = list(ALL_SDES)
+IDS = list(SDE_IDS)
 
 
 @pytest.fixture(autouse=True, scope="module")

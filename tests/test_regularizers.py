@@ -21,9 +21,10 @@ from fpe_lab.regularizers.fpe import FPEPoints, FPERegularizer, FPEWeighting
 from fpe_lab.regularizers.hodsm import HODSMRegularizer
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
 from fpe_lab.time_sampling import TimeSampling, importance_time_density
+from tests.conftest import ALL_SDES, SDE_IDS
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
-IDS = ["ve", "vp", "subvp"]
+SDES = list(ALL_SDES)
+IDS = list(SDE_IDS)
 K_SE = 5  # tolerance of every Monte Carlo comparison: 5 standard errors at a fixed seed
 F64 = torch.float64
 

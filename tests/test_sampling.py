@@ -6,10 +6,11 @@ import torch
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.metrics.sample_distance import noise_floor, sliced_wasserstein
 from fpe_lab.sampling import LangevinCorrector, ODEMethod, pf_ode_sample, reverse_sde_sample
-from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from fpe_lab.sde import VESDE, VPSDE
 from fpe_lab.shapes import append_dims
+from tests.conftest import ALL_SDES
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
+SDES = list(ALL_SDES)
 EPS = 1e-3
 N = 1000
 

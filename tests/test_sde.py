@@ -10,8 +10,9 @@ import torch
 
 from fpe_lab.fpe import ExactDivergence
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from tests.conftest import ALL_SDES
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
+SDES = list(ALL_SDES)
 IDS = ["VE", "VP", "subVP"]
 
 

@@ -22,11 +22,12 @@ from typing import Any, Callable
 from fpe_lab import config as cfg
 from fpe_lab import distributed, runs
 from fpe_lab.build import resolve_device
-from fpe_lab.checkpoint import ConfigMismatchError, write_config
-from fpe_lab.commands import CLIError, one_line_errors
-from fpe_lab.config import Leaf, RunConfig, _strip_optional, leaves
+from fpe_lab.checkpoint import ConfigMismatchError
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
+from fpe_lab.config import Leaf, RunConfig, leaves
+from fpe_lab.settings import strip_optional
 
-__all__ = ["add_parser", "add_config_arguments", "config_from_args"]
+__all__ = ["add_parser", "add_config_arguments", "config_from_args", "preload_plugins"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,38 @@ PRESETS: tuple[tuple[str, Callable[[], RunConfig], str], ...] = (
 
 
 # ---------------------------------------------------------------------- flags from the configuration
+def preload_plugins(argv: list[str]) -> None:
+    """Load the plug-ins named by ``--plugin MODULE`` in ``argv`` and by the ``plugins`` of a ``--config FILE``
+    (or of a run folder's config.json named after ``eval``), so their regularizers' flags exist when the
+    parser is built; CLIError naming the module when one cannot be loaded."""
+    from fpe_lab import regularizers
+
+    modules: list[str] = []
+    for i, word in enumerate(argv):
+        if word == "--plugin" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+        elif word.startswith("--plugin="):
+            modules.append(word.split("=", 1)[1])
+        elif word == "--config" and i + 1 < len(argv):
+            modules.extend(_config_plugins(Path(argv[i + 1])))
+    try:
+        for module in modules:
+            regularizers.load_plugin(module)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _config_plugins(path: Path) -> list[str]:
+    """The ``plugins`` of a configuration file, [] when it cannot be read (the parser reports that later)."""
+    import json
+
+    try:
+        plugins = json.loads(path.read_text(encoding="utf-8")).get("plugins", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
+
+
 def _none_or(kind: type) -> Callable[[str], Any]:
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
@@ -46,21 +79,41 @@ def _none_or(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _comma_list(kind: type) -> Callable[[str], list[Any]]:
+    """A list flag's item: ``3,32,32`` or ``3`` (several items after one flag are joined)."""
+
+    def parse(text: str) -> list[Any]:
+        return [kind(part) for part in text.split(",") if part]
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _flag_value(value: Any) -> Any:
+    """A parsed flag value as the configuration takes it: lists (of comma lists) become flat tuples."""
+    if isinstance(value, list):
+        return tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
+    return value
+
+
 def _add_leaf(parser: argparse.ArgumentParser, leaf: Leaf, default: Any) -> None:
-    kind, optional = _strip_optional(leaf.kind)
+    kind, optional = strip_optional(leaf.kind)
     shown = default.value if isinstance(default, enum.Enum) else default
     if isinstance(shown, tuple):
         shown = " ".join(f"{v:g}" for v in shown)
     help_text = f"{leaf.help} (default: {shown})".replace("%", "%%")
     common = dict(dest="/".join(leaf.path), default=argparse.SUPPRESS, help=help_text)
     flag = f"--{leaf.flag}"
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+    if leaf.repeat:
+        (inner, _) = typing.get_args(kind)
+        parser.add_argument(flag, action="append", type=inner, metavar=leaf.flag.upper(), **common)
+    elif isinstance(kind, type) and issubclass(kind, enum.Enum):
         parser.add_argument(flag, choices=[m.value for m in kind], **common)
     elif kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
     elif typing.get_origin(kind) is tuple:
         (inner, _) = typing.get_args(kind)
-        parser.add_argument(flag, nargs="+", type=inner, metavar=inner.__name__.upper(), **common)
+        parser.add_argument(flag, nargs="+", type=_comma_list(inner), metavar=inner.__name__.upper(), **common)
     else:
         parser.add_argument(flag, type=_none_or(kind) if optional else kind,
                             metavar=kind.__name__.upper() + ("|none" if optional else ""), **common)
@@ -94,17 +147,20 @@ def config_from_args(args: argparse.Namespace, preset: Callable[[], RunConfig]) 
     for dest, value in vars(args).items():
         leaf = by_dest.get(dest)
         if leaf is not None:
-            changes[leaf.path] = tuple(value) if isinstance(value, list) else value
+            changes[leaf.path] = _flag_value(value)
     try:
-        return base.override(changes)
+        config = base.override(changes)
+        runs.check_limits(config)  # what would otherwise fail only after training
     except ValueError as e:
         raise CLIError(str(e)) from None
+    return config
 
 
 # ---------------------------------------------------------------------- parsers
 def add_parser(subparsers) -> None:
     for name, preset, help_text in PRESETS:
-        p = subparsers.add_parser(name, help=help_text, description=f"{help_text}. Defaults: the {name} preset. "
+        p = subparsers.add_parser(name, help=help_text, allow_abbrev=False,
+                                  description=f"{help_text}. Defaults: the {name} preset. "
                                   + (__doc__ or "").split("\n\n")[1].replace("\n", " "))
         add_config_arguments(p, preset())
         p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder (default: runs)")
@@ -115,8 +171,10 @@ def add_parser(subparsers) -> None:
         p.set_defaults(handler=_train_command, preset=preset)
         one_line_errors(p)
     e = subparsers.add_parser("eval", help="re-evaluate a run folder (rewrites its metrics.json and figures)",
-                              description="Re-evaluate the EMA weights of a run folder; --eval-* flags override the "
-                              "run's evaluation settings (recorded in its config.json).")
+                              allow_abbrev=False,
+                              description="Re-evaluate the EMA weights of a run folder; --eval-* and --device flags "
+                              "override the run's evaluation settings for this evaluation (recorded in the settings of "
+                              "its metrics.json; config.json is left as training wrote it).")
     e.add_argument("run_dir", type=Path, help="a run folder written by toy2d, cifar10 or digits")
     e.add_argument("--allow-partial", action="store_true", help="evaluate an unfinished run as it is")
     for leaf in leaves():
@@ -145,6 +203,8 @@ def _train_command(args: argparse.Namespace) -> int:
         run = runs.train(config, Path(args.out), resume=args.resume, env=env)
     except (ValueError, ConfigMismatchError, FloatingPointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except runs.RunBusyError as e:
+        raise EnvironmentFailure(str(e)) from None
     finally:
         distributed.shutdown(env)
     log.info("wrote %s", run.path)
@@ -152,17 +212,20 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
+    """Evaluate with the run's settings and the flags' overrides; config.json is never written (the
+    settings used are recorded in metrics.json). Device and settings are checked before anything else."""
     try:
         run = runs.load(args.run_dir)
         by_dest = {"/".join(leaf.path): leaf for leaf in leaves()}
-        changes = {by_dest[d].path: (tuple(v) if isinstance(v, list) else v)
+        changes = {by_dest[d].path: _flag_value(v)
                    for d, v in vars(args).items() if d in by_dest}
-        run.model()  # the checkpoint must fit config.json before anything is rewritten
-        if changes:
-            run = runs.Run(run.path, run.config.override(changes))
-            write_config(run.path, run.config.to_dict())
-        report = runs.evaluate(run, allow_partial=args.allow_partial)
+        config = run.config.override(changes) if changes else run.config
+        runs.check_limits(config)
+        device = resolve_device(config.device)
+        report = runs.evaluate(runs.Run(run.path, config), allow_partial=args.allow_partial, device=device)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise CLIError(str(e)) from None
+    except runs.RunBusyError as e:
+        raise EnvironmentFailure(str(e)) from None
     log.info("%s\nwrote %s", runs.summary(report), run.path / runs.METRICS_NAME)
     return 0

@@ -19,9 +19,13 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fpe_lab.likelihood import UniformDequantization
 
 __all__ = [
     "DataError",
@@ -93,6 +97,16 @@ class ImageDataset:
     def scale(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Training map x = 2k/(L−1) − 1 ∈ [−1, 1], same shape as ``pixels``."""
         return pixels.to(dtype) * (2.0 / (self.levels - 1)) - 1.0
+
+    def truth(self, sde: object) -> None:
+        """Real images: no exact truth (bits/dim of held-out images instead)."""
+        return None
+
+    def dequantization(self) -> UniformDequantization:
+        """Uniform dequantization of the ``levels`` pixel values on [−1, 1], for bits/dim."""
+        from fpe_lab.likelihood import UniformDequantization
+
+        return UniformDequantization(self.levels, -1.0, 1.0)
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, hflip: bool = False, dtype: torch.dtype = torch.float32

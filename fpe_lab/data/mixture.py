@@ -24,8 +24,12 @@ from functools import cached_property
 import torch
 
 from fpe_lab.gmm import GaussianMixture
+from fpe_lab.gmm_lowrank import LowRankGaussianMixture
+from fpe_lab.metrics.truth import MixtureTruth
+from fpe_lab.sde import LinearSDE
 
-__all__ = ["MixtureData", "mixture_data", "MIXTURE_SEED", "MEAN_RADIUS", "SD_RANGE"]
+__all__ = ["MixtureData", "LowRankMixtureData", "mixture_data", "lowrank_mixture_data", "MIXTURE_SEED", "MEAN_RADIUS",
+           "SD_RANGE", "FACTOR_RANGE"]
 
 MIXTURE_SEED = 20261201
 """The internal seed of the law: the same (D, K) gives the same mixture in every run."""
@@ -33,6 +37,9 @@ MEAN_RADIUS = 2.0
 """‖mu_k‖: the means lie on the sphere of this radius (as the 2-D ``gmm`` set's, at distance 2)."""
 SD_RANGE = (0.2, 0.5)
 """Component standard deviations are drawn uniformly in this interval."""
+FACTOR_RANGE = (0.5, 1.0)
+"""Low-rank mixture: the standard deviation along each of a component's r extra directions, drawn uniformly
+here."""
 
 
 def _check_int(name: str, v, lo: int) -> int:
@@ -103,8 +110,56 @@ class MixtureData:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[k] + self.sds[k, None] * z
 
+    @cached_property
+    def low_rank(self) -> LowRankGaussianMixture:
+        """p_0 in the low-rank form (rank 0: sd_k² I), whose score and density cost O(K·D) per point."""
+        return LowRankGaussianMixture(self.weights, self.means, self.means.new_zeros(*self.means.shape, 0), self.sds**2)
+
+    def truth(self, sde: LinearSDE) -> MixtureTruth:
+        """The exact p_t and score under ``sde`` (closed forms)."""
+        return MixtureTruth(self.low_rank, sde)
+
+    def dequantization(self) -> None:
+        """Continuous data: no dequantization, NLL in nats."""
+        return None
+
     def __repr__(self) -> str:
-        return f"MixtureData(D={self.dim}, K={self.n_components}, sd in [{self.width:.3g}, {float(self.sds.max()):.3g}])"
+        sds = f"[{self.width:.3g}, {float(self.sds.max()):.3g}]"
+        return f"MixtureData(D={self.dim}, K={self.n_components}, sd in {sds})"
+
+
+@dataclass(frozen=True, eq=False)
+class LowRankMixtureData:
+    """A data set p_0 = Σ_k w_k N(mu_k, U_k U_kᵀ + v_k I) with samples of any ``shape`` (points or images,
+    D = prod(shape)); exact p_t and score through :class:`fpe_lab.gmm_lowrank.LowRankGaussianMixture`
+    (Woodbury, O(K·D·r) per point)."""
+
+    mixture: LowRankGaussianMixture
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if int(torch.tensor(self.shape).prod()) != self.mixture.dim:
+            raise ValueError(f"shape {self.shape} holds {int(torch.tensor(self.shape).prod())} values; the mixture "
+                             f"has D = {self.mixture.dim}")
+
+    @property
+    def dim(self) -> int:
+        return self.mixture.dim
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n samples of p_0, shape (n, *shape), float64 (the mixture's draws, reshaped)."""
+        return self.mixture.sample(n, generator).reshape(n, *self.shape)
+
+    def truth(self, sde: LinearSDE) -> MixtureTruth:
+        """The exact p_t and score under ``sde`` (closed forms on flattened points)."""
+        return MixtureTruth(self.mixture, sde)
+
+    def dequantization(self) -> None:
+        """Continuous data: no dequantization, NLL in nats."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"LowRankMixtureData(shape={self.shape}, {self.mixture!r})"
 
 
 def mixture_data(dim: int, components: int) -> MixtureData:
@@ -120,3 +175,23 @@ def mixture_data(dim: int, components: int) -> MixtureData:
     lo, hi = SD_RANGE
     sds = lo + (hi - lo) * torch.rand(components, generator=gen, dtype=torch.float64)
     return MixtureData(means=means, sds=sds)
+
+
+def lowrank_mixture_data(shape: tuple[int, ...], components: int, rank: int) -> LowRankMixtureData:
+    """The mixture data set of :func:`mixture_data` (same means and sds, D = prod(shape)) with ``rank`` extra
+    directions per component: Sigma_k = U_k U_kᵀ + sd_k² I, U_k = [c_1 e_1 … c_r e_r], e_j = g_j/‖g_j‖ with
+    g_j ~ N(0, I_D), c_j ~ U[FACTOR_RANGE], drawn after the means and sds from the same generator."""
+    dim = 1
+    for n in shape:
+        dim *= _check_int("shape entry", n, 1)
+    _check_int("rank", rank, 0)
+    base = mixture_data(dim, components)
+    gen = torch.Generator().manual_seed(MIXTURE_SEED)
+    torch.randn(components, dim, generator=gen, dtype=torch.float64)  # the means' and sds' draws, as above
+    torch.rand(components, generator=gen, dtype=torch.float64)
+    g = torch.randn(components, dim, rank, generator=gen, dtype=torch.float64)
+    lo, hi = FACTOR_RANGE
+    c = lo + (hi - lo) * torch.rand(components, rank, generator=gen, dtype=torch.float64)
+    factors = g / g.norm(dim=1, keepdim=True) * c[:, None, :] if rank else g
+    mix = LowRankGaussianMixture(base.weights, base.means, factors, base.sds**2)
+    return LowRankMixtureData(mix, tuple(shape))

@@ -54,7 +54,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -77,6 +77,10 @@ __all__ = [
     "TOY_NAMES",
     "toy_distribution",
 ]
+
+
+if TYPE_CHECKING:
+    from fpe_lab.metrics.truth import Truth
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +224,16 @@ class ToyDistribution(abc.ABC):
         with torch.no_grad():
             lp, _ = self._log_prob_and_score(x, one, torch.zeros_like(one), False, True)
         return lp.exp().reshape(grid.shape).numpy()
+
+    def truth(self, sde) -> Truth:
+        """The exact p_t and score under ``sde``: closed forms for a mixture, quadrature otherwise."""
+        from fpe_lab.metrics.truth import MixtureTruth, ToyTruth
+
+        return MixtureTruth(self.mixture, sde) if self.mixture is not None else ToyTruth(self, sde)
+
+    def dequantization(self) -> None:
+        """Continuous data: no dequantization, NLL in nats."""
+        return None
 
     def cells_per_width(self, n_cells: int = 256) -> float:
         """w divided by the cell size of an n_cells² grid on ``bounds`` (the coarser axis)."""

@@ -22,7 +22,7 @@ from fpe_lab.checkpoint import CHECKPOINT_NAME
 from fpe_lab.config import RunConfig, Weights
 from fpe_lab.figures.style import Variant
 from fpe_lab.metrics.evaluate import EvalReport
-from fpe_lab.metrics.truth import MixtureTruth, ToyTruth, Truth
+from fpe_lab.metrics.truth import Truth
 from fpe_lab.sde import LinearSDE
 
 __all__ = ["RunFolderError", "Run", "load_run", "load_runs", "by_lam", "pick_run"]
@@ -78,7 +78,7 @@ class Run:
     def truth(self) -> Truth:
         """The exact p_t of the run's data under its SDE (closed form for mixtures, quadrature otherwise)."""
         data, sde = self.data(), self.sde
-        return MixtureTruth(data.mixture, sde) if data.mixture is not None else ToyTruth(data, sde)
+        return data.truth(sde)
 
     def score_model(self) -> torch.nn.Module:
         """The trained score model with the EMA weights (what ``metrics.json`` was computed with),

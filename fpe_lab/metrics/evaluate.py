@@ -57,7 +57,8 @@ EXACT_MAX_DIM = 16
 
 
 # ---------------------------------------------------------------------- the report
-def _floats(v: Any) -> tuple[float, ...] | None:
+def _floats(v: Any) -> Any:
+    """A JSON list as a tuple of floats (None stays None)."""
     return None if v is None else tuple(float(x) for x in v)
 
 

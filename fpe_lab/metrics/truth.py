@@ -24,6 +24,7 @@ import torch
 
 from fpe_lab.checks import check_time
 from fpe_lab.gmm import GaussianMixture
+from fpe_lab.gmm_lowrank import LowRankGaussianMixture
 from fpe_lab.sde import LinearSDE
 
 __all__ = ["Truth", "MixtureTruth", "ToyTruth", "GridTruth"]
@@ -58,10 +59,15 @@ class Truth(abc.ABC):
 
 
 class MixtureTruth(Truth):
-    """Closed-form truth of a Gaussian mixture p_0 under a linear SDE (see :mod:`fpe_lab.gmm`)."""
+    """Closed-form truth of a Gaussian mixture p_0 under a linear SDE: full covariances (:mod:`fpe_lab.gmm`) or
+    low-rank plus isotropic ones (:mod:`fpe_lab.gmm_lowrank`, no D×D matrix)."""
 
-    def __init__(self, mixture: GaussianMixture, sde: LinearSDE) -> None:
-        self.mixture = GaussianMixture(mixture.weights, mixture.means, mixture.covs, dtype=torch.float64)
+    def __init__(self, mixture: GaussianMixture | LowRankGaussianMixture, sde: LinearSDE) -> None:
+        if isinstance(mixture, LowRankGaussianMixture):
+            self.mixture: GaussianMixture | LowRankGaussianMixture = LowRankGaussianMixture(
+                mixture.weights, mixture.means, mixture.factors, mixture.noise_var, dtype=torch.float64)
+        else:
+            self.mixture = GaussianMixture(mixture.weights, mixture.means, mixture.covs, dtype=torch.float64)
         self.sde = sde
 
     def score(self, x: torch.Tensor, t: float) -> torch.Tensor:

@@ -233,9 +233,9 @@ class FPERegularizer(Regularizer):
             raise ValueError("fpe residual_path jet computes the exact divergence and ∂_t by forward mode; got "
                              f"divergence {reg.divergence.value}, dt {options.dt.value}: "
                              "use --fpe-residual-path generic")
-        if config.data.name.is_image:
+        if config.data.is_image:
             raise ValueError(f"fpe residual_path jet needs the MLP of point data; data {config.data.name.value} "
-                             "uses the U-Net: use --fpe-residual-path generic")
+                             f"of shape {config.data.shape} uses the U-Net: use --fpe-residual-path generic")
         if config.dim > JET_MAX_DIM:
             raise ValueError(f"fpe residual_path jet supports data_dim <= {JET_MAX_DIM} (it carries 1 + D + "
                              f"D(D+1)/2 derivative streams per hidden unit, "

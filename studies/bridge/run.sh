@@ -9,7 +9,7 @@
 # Sizes (chosen to fit ~40 min of one loaded CPU core from step times of benchmarks/bench_bridge.py and
 # of single 100-step runs before the study; the study's own wall time is in studies/bridge/summary.md):
 #   1000 steps of batch 256, lr 2e-3 (the toy2d preset), residual on the first 64 points of each batch
-#   (--fpe-batch 64), lam 0.2 with --per-dim (lam/D: 0.1 at D = 2, the toy2d preset's weight) and the
+#   (--reg-batch 64), lam 0.2 with --per-dim (lam/D: 0.1 at D = 2, the toy2d preset's weight) and the
 #   normalized weighting w = sigma^6/g^4; MLP 3 × max(128, D) (a narrower MLP cannot pass the
 #   identity part −x/v of the score through its hidden layers when D > width);
 #   evaluation at t = 0.02 0.1 0.5 1 on 200 points, NLL of 100 held-out points, no sample distances.
@@ -20,7 +20,7 @@
 set -u
 RUNS=${1:?usage: bash studies/bridge/run.sh RUNS_DIR}
 export OMP_NUM_THREADS=1
-COMMON=(--data mixture --residual-path generic --per-dim --fpe-weighting normalized --lam 0.2 --fpe-batch 64
+COMMON=(--data mixture --fpe-residual-path generic --per-dim --fpe-weighting normalized --lam 0.2 --reg-batch 64
         --steps 1000 --eval-times 0.02 0.1 0.5 1 --eval-points 200 --eval-nll-points 100 --eval-samples 0
         --eval-batch 50 --seeds 2 --jobs 1 --threads 1)
 HUTCH=(--arm "reg=fpe divergence=hutchinson fpe_estimator=squared"

@@ -10,7 +10,7 @@
 set -u
 RUNS=${1:?usage: bash studies/bridge/run_fixed_lambda.sh RUNS_DIR}
 export OMP_NUM_THREADS=1
-COMMON=(--data mixture --residual-path generic --per-dim --fpe-weighting normalized --lam 0.2 --fpe-batch 64
+COMMON=(--data mixture --fpe-residual-path generic --per-dim --fpe-weighting normalized --lam 0.2 --reg-batch 64
         --steps 1000 --eval-times 0.02 0.1 0.5 1 --eval-points 200 --eval-nll-points 100 --eval-samples 0
         --eval-batch 50 --seeds 2 --jobs 1 --threads 1)
 for D in 32 128 512; do

@@ -127,14 +127,15 @@ def test_build_makes_the_mixture_and_a_d_dimensional_mlp():
 
 def test_a_three_step_hutchinson_run_reports_the_residual_and_the_score_error(tmp_path: Path):
     rc = cli.main(["toy2d", "--data", "mixture", "--data-dim", "32", "--divergence", "hutchinson",
-                   "--residual-path", "generic", "--fpe-estimator", "unbiased", "--per-dim", "--steps", "3",
+                   "--fpe-residual-path", "generic", "--fpe-estimator", "unbiased", "--per-dim", "--steps", "3",
                    "--width", "16", "--depth", "1", "--batch", "16", "--eval-points", "8", "--eval-nll-points", "4",
                    "--eval-samples", "0", "--eval-times", "0.1", "0.5", "--out", str(tmp_path)])
     assert rc == 0
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     report = json.loads((folder / "metrics.json").read_text())
     config = json.loads((folder / "config.json").read_text())
-    assert config["data"] == {"name": "mixture", "dim": 32, "components": 4, "data_dir": None, "hflip": False}
+    assert config["data"] == {"name": "mixture", "dim": 32, "components": 4, "data_dir": None, "hflip": False,
+                              "data_shape": None, "rank": 0}
     assert report["dim"] == 32 and report["step"] == 3
     assert report["settings"]["divergence"] == "hutchinson(2)"  # D = 32 > 16: Hutchinson residual
     pt = report["per_time"]

@@ -9,13 +9,15 @@ import torch
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, ResolutionWarning, solve_fokker_planck
 from fpe_lab.groundtruth.log_density import central_gradient
-from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+from fpe_lab.sde import VESDE, VPSDE
+from tests.conftest import ALL_SDES
+
 from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
 from .test_finite_volume import MovingMixtureSDE, fitted_order
 
 LD = Method.LOG_DENSITY
 DEEP = (1e-3, 1e-6, 1e-10, 1e-12, 1e-30, 1e-60)
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
+SDES = list(ALL_SDES)
 
 
 def solve_mixture(sde, gm, grid, times, n_steps):

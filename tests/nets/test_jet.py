@@ -19,8 +19,9 @@ from fpe_lab.model import ScoreModel
 from fpe_lab.nets.jet import _silu_jet, _SiLUJet, jet_score_fpe_residual, score_jet
 from fpe_lab.nets.mlp import TimeMLP
 from fpe_lab.sde import SDE, SubVPSDE, VESDE, VPSDE
+from tests.conftest import ALL_SDES
 
-SDES = [VESDE(), VPSDE(), SubVPSDE()]
+SDES = list(ALL_SDES)
 EPS = 1e-5
 
 
