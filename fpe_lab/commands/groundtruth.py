@@ -1,8 +1,14 @@
 """``python -m fpe_lab.run groundtruth``: ground-truth p_t, log p_t and scores of a toy data set on a grid.
 
 ``--out`` is a folder; the command writes exactly two names in it: ``solution.npz`` (density,
-log_density, score, axes, bounds, times, SDE name and parameters) and ``solution.png`` (density and
-score field per time; skipped with ``--no-figure``). It never derives other names from ``--out``.
+log_density, score, unresolved, axes, bounds, times, SDE name and parameters) and ``solution.png``
+(density and score field per time; skipped with ``--no-figure``). The solvers start from the data set's
+exact log p_0, so the convolution gives a finite log p_t and score at every cell; ``unresolved``
+(times × cells, bool) marks cells whose log p_t or score is not finite (possible only where a
+p-based solver, ``finite_volume`` or ``separable``, underflows), and each solver warning (such cells
+with their count and remedy, mass at the walls, a p_0 the grid does not resolve) is printed as one
+line ``warning: ...``. A time whose transition kernel is narrower than 1e-3 cell (e.g. ``--times
+1e-300``) is refused with the smallest time the grid resolves. It never derives other names from ``--out``.
 If either file already exists the command stops before solving (exit 2) unless ``--overwrite`` is given;
 with ``--overwrite --no-figure`` an older ``solution.png`` is removed so that the folder never pairs a
 new solution with an old figure. Both files are written atomically, only after the solve finished.
@@ -21,6 +27,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +81,7 @@ def add_parser(subparsers) -> None:
         help="ground-truth perturbed densities and scores of a toy data set on a grid",
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --overwr is not --overwrite: a flag must be spelled out
     )
     p.add_argument("--data", choices=TOY_NAMES, default="checkerboard", help="toy data set (p_0)")
     p.add_argument("--sde", choices=SDE_CHOICES, default="vp", help="forward SDE with default parameters")
@@ -244,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fpe_lab.data.toy import toy_distribution
-    from fpe_lab.groundtruth import Grid, Method, SolverBreakdown, solve_fokker_planck
+    from fpe_lab.groundtruth import Grid, SolverBreakdown, solve_fokker_planck
 
     # 1. every input check, before any output is touched or any solve starts
     times = list(args.times)
@@ -262,22 +270,25 @@ def _run(args: argparse.Namespace) -> int:
     # 2. the solve
     grid = Grid(box, (args.grid, args.grid))
     log.info("%s on %s, %d² cells, %s", data, grid.bounds, args.grid, sde)
-    if method is Method.LOG_DENSITY:
-        # the toy set's exact log p0: a density on the grid underflows to 0 in the corners
-        coords = torch.as_tensor(grid.coords.reshape(-1, 2), dtype=torch.float64)
-        inputs = dict(p0=None, log_p0=data.log_prob(coords).reshape(grid.shape).numpy())
-    else:
-        inputs = dict(p0=data.density(grid))
+    # the toy set's exact log p0: a density on the grid underflows to 0 in the corners, and the far tails
+    # of p_t (convolution, log-density solver) are only resolved from the exact tails of p0
+    coords = torch.as_tensor(grid.coords.reshape(-1, 2), dtype=torch.float64)
+    inputs = dict(p0=None, log_p0=data.log_prob(coords).reshape(grid.shape).numpy())
     try:
-        sol = solve_fokker_planck(sde, grid=grid, times=times, method=method, n_steps=args.n_steps, **inputs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sol = solve_fokker_planck(sde, grid=grid, times=times, method=method, n_steps=args.n_steps, **inputs)
     except (ValueError, SolverBreakdown) as e:
         raise CLIError(str(e)) from None
+    for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):  # each once, one line each
+        sys.stderr.write(f"warning: {message}\n")
 
     # 3. both files in memory first, then written atomically
     arrays = dict(
         density=sol.density,
         log_density=sol.log_density,
         score=sol.score,
+        unresolved=sol.unresolved,
         x=grid.axes[0],
         y=grid.axes[1],
         bounds=np.array(grid.bounds),

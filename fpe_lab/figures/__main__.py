@@ -42,7 +42,8 @@ def _int_at_least(lo: int):
 def build_parser() -> argparse.ArgumentParser:
     d = FigureOptions()
     p = argparse.ArgumentParser(prog="python -m fpe_lab.figures", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # a flag must be spelled out
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                    help="finished toy2d run folders of one data set and SDE (e.g. runs/study/gmm_vp_*/)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (PNG, PDF, CSV)")

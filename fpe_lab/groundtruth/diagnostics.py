@@ -51,14 +51,17 @@ class SolverBreakdown(RuntimeError):
 def check_walls(grid: Grid, density: np.ndarray, times: np.ndarray, tol: float = WALL_TOL) -> float:
     """Warn when max over wall cells of p_t / max p_t exceeds ``tol`` at any time.
 
-    ``density`` has shape (T, *grid.shape); returns the worst ratio.
+    ``density`` has shape (T, *grid.shape) (NaN at unresolved cells, which are left out); returns the
+    worst ratio.
     """
     worst, worst_t = 0.0, None
     for p, t in zip(density, times):
-        peak = float(p.max())
-        wall = max(
-            float(np.abs(np.take(p, idx, axis=d)).max()) for d in range(grid.ndim) for idx in (0, -1)
-        )
+        if not np.isfinite(p).any():
+            continue
+        # unresolved cells (NaN) are left out: the solver reports them separately
+        peak = float(np.nanmax(p))
+        walls = [np.abs(np.take(p, idx, axis=d)) for d in range(grid.ndim) for idx in (0, -1)]
+        wall = max((float(np.nanmax(w)) for w in walls if np.isfinite(w).any()), default=0.0)
         ratio = wall / peak if peak > 0 else np.inf
         if ratio > worst:
             worst, worst_t = ratio, float(t)

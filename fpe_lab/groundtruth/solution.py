@@ -28,10 +28,12 @@ class Solution:
     Attributes:
         grid: the grid.
         times: (T,) solved times, increasing.
-        log_density: (T, *grid.shape) log p_t (natural log; −inf only where p_t underflowed).
-        score: (T, *grid.shape, D) ∇_x log p_t.
+        log_density: (T, *grid.shape) log p_t (natural log), finite except at unresolved cells.
+        score: (T, *grid.shape, D) ∇_x log p_t, finite except at unresolved cells.
         method: the scheme that produced it (a :class:`~fpe_lab.groundtruth.solver.Method`).
     ``density`` is exp(log_density), shape (T, *grid.shape), integrating to ~1 over the box.
+    ``unresolved`` (T, *grid.shape) bool marks the cells whose log p_t or score is not finite (NaN, or
+    −inf where p0 or a p-based solver's p_t is 0); the solver warns once when there are any.
     """
 
     grid: Grid
@@ -43,7 +45,13 @@ class Solution:
 
     @property
     def density(self) -> np.ndarray:
-        return np.exp(self.log_density)
+        with np.errstate(under="ignore"):
+            return np.exp(self.log_density)
+
+    @property
+    def unresolved(self) -> np.ndarray:
+        """(T, *grid.shape) bool: log p_t or a score component is not finite there."""
+        return ~np.isfinite(self.log_density) | ~np.isfinite(self.score).all(axis=-1)
 
     def _time_index(self, t) -> int:
         t = float(t)

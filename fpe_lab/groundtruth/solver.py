@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import warnings
 
 import numpy as np
 from scipy.special import logsumexp
 from fpe_lab.progress import progress_bar as tqdm
 
-from fpe_lab.groundtruth.convolution import convolve_marginal, marginal_coefficients
+from fpe_lab.groundtruth.convolution import (
+    MIN_KERNEL_CELLS,
+    convolve_marginal,
+    marginal_coefficients,
+    min_resolved_time,
+)
 from fpe_lab.groundtruth.diagnostics import (
     CURVATURE_TOL,
     WALL_TOL,
@@ -89,7 +95,7 @@ def _check_times(times) -> np.ndarray:
     return t
 
 
-def _check_p0(p0, grid: Grid) -> np.ndarray:
+def _check_p0(p0, grid: Grid) -> tuple[np.ndarray, float]:
     try:
         p = np.array(p0, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError):
@@ -102,7 +108,8 @@ def _check_p0(p0, grid: Grid) -> np.ndarray:
         raise ValueError(f"p0 must be nonnegative; got minimum {p.min():.3g}")
     if p.max() == 0:
         raise ValueError("p0 must not be all zero (it is normalised to a density)")
-    return p / grid.integrate(p)
+    mass = float(grid.integrate(p))
+    return p / mass, mass
 
 
 def _check_log_p0(log_p0, grid: Grid) -> np.ndarray:
@@ -117,6 +124,34 @@ def _check_log_p0(log_p0, grid: Grid) -> np.ndarray:
             f"log_p0 must be finite (log of a positive density); got {np.count_nonzero(~np.isfinite(u))} non-finite values"
         )
     return u - (logsumexp(u) + np.log(grid.cell_volume))
+
+
+def unresolved_message(count: int, times: list[float], method: Method) -> str:
+    """One line: how many cells are unresolved, when, why and the remedy."""
+    when = ", ".join(f"{v:g}" for v in times)
+    if method in (Method.FINITE_VOLUME, Method.SEPARABLE) and any(v > 0 for v in times):
+        why = (f"p_t underflowed to 0 there ({method.name} solves for p): use Method.CONVOLUTION (linear SDEs) or "
+               "Method.LOG_DENSITY for the far tails")
+    else:
+        why = ("p0 is 0 there or nearby, so p_t there depends on values of p0 below the float range: pass log_p0 "
+               "(the exact log-density, finite everywhere) instead of p0")
+    return f"{count} grid cells are unresolved (log p or score not finite) at t = {when}: {why}"
+
+
+def _check_kernel_widths(sde, grid: Grid, t: np.ndarray) -> None:
+    """ValueError for a time > 0 whose kernel sigma/alpha is narrower than MIN_KERNEL_CELLS of a cell."""
+    h = min(grid.dx)
+    for ti in t[t > 0]:
+        alpha, sigma = marginal_coefficients(sde, float(ti))
+        width = sigma / alpha if alpha > 0 else math.inf
+        if not width >= MIN_KERNEL_CELLS * h:
+            t_min = min_resolved_time(sde, grid)
+            raise ValueError(
+                f"t = {float(ti):g} is below what the grid resolves: its transition kernel sigma/alpha = {width:.3g} "
+                f"is {width / h:.3g} cells wide, and the convolution needs at least {MIN_KERNEL_CELLS:g} cell "
+                f"({MIN_KERNEL_CELLS * h:.3g}); the smallest time this grid resolves is t = {t_min:.3g} "
+                "(t = 0 gives p0 itself; a finer grid resolves earlier times)"
+            )
 
 
 def fd_score(log_p: np.ndarray, grid: Grid) -> np.ndarray:
@@ -164,16 +199,21 @@ def solve_fokker_planck(
         wall_tol: a :class:`BoundaryWarning` is raised when p/max on the wall cells exceeds this.
         progress: show a tqdm progress bar.
         log_p0: finite array of shape ``grid.shape``, log p0 up to a constant (instead of p0). Use it when
-            p0 underflows in the tails (e.g. log_prob of a mixture): ``LOG_DENSITY`` then starts from the
-            exact tails; the other methods use exp(log_p0).
+            p0 underflows in the tails (e.g. log_prob of a mixture): ``CONVOLUTION`` and ``LOG_DENSITY`` then
+            work from the exact tails (no cell is unresolved); FINITE_VOLUME and SEPARABLE use exp(log_p0).
 
     Returns:
         :class:`Solution` with ``density``/``log_density`` of shape (T, *grid.shape) and ``score`` of
         shape (T, *grid.shape, D).
 
-    Accuracy: CONVOLUTION is exact to round-off (relative, down to ~1e-300·max) once the kernel
+    Accuracy: CONVOLUTION works in log space (:mod:`~fpe_lab.groundtruth.convolution`): log p_t and the
+    score are finite at every cell, with relative accuracy however small p_t is, once the kernel
     sigma/alpha spans 2 cells; for narrower kernels (small t) and a resolved p0 it uses the band-limited
-    kernel, exact down to ~1e-14·max (cells below are marked −inf/NaN, with a warning). FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
+    kernel where p_t ≥ 1e-6·max and a log-sum-exp over log p0 refined by local cubics below (exact for
+    Gaussian tails). Times whose kernel is narrower than 1e-3 cell are refused (ValueError naming the
+    smallest time the grid resolves). A p0 with zeros (underflow) leaves the cells whose p_t depends on
+    values below the float range unresolved: NaN, ``Solution.unresolved``, one ResolutionWarning; pass
+    ``log_p0`` to avoid it. FINITE_VOLUME and SEPARABLE are second order; they solve for p, so in
     "young" tails (little added variance compared with the distance from the data: VE or any SDE at
     small t, fast-moving tails) the relative error grows like (h·|∇log p|)² and the score error there
     exceeds the bulk's; check with a finer grid (benchmarks/RESULTS.md, "Ground truth").
@@ -182,9 +222,13 @@ def solve_fokker_planck(
     needs p0 > 0: cells below 1e-100·max are raised to that floor with a ResolutionWarning, and a p0
     with jumps to zero (checkerboard) is too steep for it (RuntimeError; use FINITE_VOLUME or CONVOLUTION).
 
+    Raises:
+        ValueError: bad input, or (CONVOLUTION) a time > 0 below
+        :func:`~fpe_lab.groundtruth.convolution.min_resolved_time`.
+
     Warns:
         BoundaryWarning: mass reaches the walls. ResolutionWarning: p0 or the kernel is not resolved,
-        or a score is not finite (p underflowed or p0 has zeros at t = 0).
+        or cells are unresolved (one warning with their number, the times and the remedy).
     """
     if not isinstance(grid, Grid):
         raise ValueError(f"grid must be a fpe_lab.groundtruth.Grid; got {type(grid).__name__}")
@@ -195,8 +239,13 @@ def solve_fokker_planck(
     if log_p0 is not None:
         u0 = _check_log_p0(log_p0, grid)
         p = np.exp(u0)
+        zero_log_bound = None  # log_p0 is finite: no zeros
     else:
-        p = _check_p0(p0, grid)
+        p, mass = _check_p0(p0, grid)
+        with np.errstate(divide="ignore"):
+            u0 = np.log(p)
+        # a zero of the caller's p0 stands for a value below the smallest float, 5e-324, in its units
+        zero_log_bound = math.log(5e-324) - math.log(mass)
     if not isinstance(method, Method):
         raise ValueError(f"method must be a Method ({', '.join(m.name for m in Method)}); got {method!r}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, (int, np.integer)) or n_steps < 1:
@@ -216,10 +265,12 @@ def solve_fokker_planck(
                     f"method=Method.CONVOLUTION needs an SDE with a Gaussian transition (a marginal(t) method); "
                     f"{type(sde).__name__} has none: use Method.FINITE_VOLUME"
                 )
+            _check_kernel_widths(sde, grid, t)
             for i, ti in enumerate(tqdm(t, desc="Gaussian convolution", unit="time", disable=not progress, leave=False)):
                 if ti == 0:
                     continue
-                log_p[i], score[i] = convolve_marginal(*marginal_coefficients(sde, ti), p, grid, p0_resolved)
+                log_p[i], score[i], _ = convolve_marginal(*marginal_coefficients(sde, ti), u0, grid, p0_resolved,
+                                                          zero_log_bound)
         case Method.FINITE_VOLUME:
             log_p[:], score[:] = _from_density(solve_density(sde, p, grid, t, int(n_steps), progress=progress)[0], grid)
         case Method.SEPARABLE:
@@ -236,14 +287,13 @@ def solve_fokker_planck(
                 log_p[i] = np.log(p)
         score[i] = fd_score(log_p[i], grid)
 
-    check_walls(grid, np.exp(log_p), t, wall_tol)
-    bad = ~np.isfinite(score)
+    with np.errstate(under="ignore"):
+        check_walls(grid, np.exp(log_p), t, wall_tol)
+    bad = ~np.isfinite(score).all(axis=-1) | ~np.isfinite(log_p)
     if bad.any():
-        times_bad = sorted({float(t[i]) for i in np.nonzero(bad)[0]})
+        times_bad = [float(t[i]) for i in range(len(t)) if bad[i].any()]
         warnings.warn(
-            f"the score is not finite at {int(bad.any(axis=-1).sum())} grid cells (times {times_bad}): p is zero "
-            "or unresolved there (p0 with zeros at t = 0, p below ~1e-308·max, or, for a kernel narrower "
-            "than 2 cells, below the 1e-14·max round-off of the band-limited convolution)",
+            f"{unresolved_message(int(bad.sum()), times_bad, method)} (Solution.unresolved marks them)",
             ResolutionWarning,
             stacklevel=2,
         )

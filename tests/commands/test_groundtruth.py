@@ -56,10 +56,9 @@ def test_cli_writes_solution_and_figure_into_the_folder(tmp_path):
         dx = np.diff(z["x"])[0] * np.diff(z["y"])[0]
         # the box holds ~all mass once the kernel spans cells (t = 0.1 is under-resolved at 24², and warns)
         np.testing.assert_allclose(z["density"][1:].sum(axis=(1, 2)) * dx, 1.0, atol=1e-6)
-        assert np.all(np.isfinite(z["score"][1:]))
-        # t = 0.1: kernel narrower than 2 cells; cells below its round-off are marked, not made up
-        marked = ~np.isfinite(z["score"][0]).all(-1)
-        assert np.all(np.isneginf(z["log_density"][0][marked]))
+        # every cell finite at every time (t = 0.1: a kernel narrower than 2 cells), none marked unresolved
+        assert np.isfinite(z["score"]).all() and np.isfinite(z["log_density"]).all()
+        assert z["unresolved"].shape == (3, 24, 24) and not z["unresolved"].any()
     assert (out / "solution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in out.iterdir()) == ["solution.npz", "solution.png"]  # no temp files left
     assert (out / "solution.npz").stat().st_mode & 0o777 == 0o644
@@ -232,3 +231,79 @@ def test_cli_log_density_method_starts_from_the_exact_log_p0(tmp_path):
         err = np.abs(z["score"][0] - exact).max()  # every cell, down to the walls (p ~ 1e-14·max)
     # O(h²) at h = 0.33 on scores of size ~2: ~1e-2 (a p-based start from an underflowed grid density fails here)
     assert np.isfinite(err) and err < 5e-2, err
+
+
+def test_cli_readme_example_is_clean(tmp_path, capsys):
+    """The README's command at a smaller grid: t = 0.01 has a kernel of 0.5 cell, and every cell of every
+    time is finite, nothing is unresolved, no warning is printed, and the bulk matches the exact score."""
+    import torch
+
+    from fpe_lab.data import toy_distribution
+    from fpe_lab.sde import VPSDE
+
+    out = tmp_path / "gt"
+    argv = ["groundtruth", "--data", "checkerboard", "--sde", "vp", "--grid", "192", "--times", "0.01", "0.1", "1",
+            "--out", str(out), "--no-figure"]
+    assert run.main(argv) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()] == []
+    with np.load(out / "solution.npz") as z:
+        assert np.isfinite(z["score"]).all() and np.isfinite(z["log_density"]).all() and not z["unresolved"].any()
+        x, y = np.meshgrid(z["x"], z["y"], indexing="ij")
+        pts = torch.tensor(np.stack([x.ravel(), y.ravel()], 1))
+        data = toy_distribution("checkerboard")
+        exact = data.perturbed_score(pts, 0.01, VPSDE()).numpy().reshape(192, 192, 2)
+        lp = data.perturbed_log_prob(pts, 0.01, VPSDE()).numpy().reshape(192, 192)
+        bulk = lp - lp.max() >= np.log(1e-6)
+        # band-limited sums where p ≥ 1e-6·max: round-off (measured 5e-9 at 256²)
+        assert np.abs(z["score"][0] - exact)[bulk].max() < 1e-6
+        assert z["log_density"][0].min() - z["log_density"][0].max() < -300  # the tails are there, in log space
+
+
+def test_cli_refuses_a_time_below_the_grid_resolution(tmp_path, capsys):
+    """--times 1e-300: one error line naming the time and the smallest one the grid resolves; exit 2,
+    nothing written (it used to write p_t with zero mass)."""
+    out = tmp_path / "gt"
+    assert _main(["groundtruth", "--data", "gmm", "--grid", "32", "--times", "1e-300", "0.5", "--out", str(out)]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith("error: t = 1e-300 is below what the grid resolves"), lines
+    assert "the smallest time this grid resolves is t = " in lines[0]
+    assert not out.exists()
+
+
+def test_cli_prints_each_solver_warning_as_one_line(tmp_path, capsys):
+    """Cells a p-based solver leaves at p = 0 are marked in the file and reported by one warning line with
+    their count and the remedy."""
+    out = tmp_path / "gt"
+    argv = ["groundtruth", "--data", "checkerboard", "--grid", "48", "--times", "1e-6", "1", "--method", "finite_volume",
+            "--n-steps", "4", "--out", str(out), "--no-figure"]
+    assert run.main(argv) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    with np.load(out / "solution.npz") as z:
+        count = int(z["unresolved"].sum())
+        assert count > 0
+        np.testing.assert_array_equal(z["unresolved"], ~np.isfinite(z["score"]).all(-1) | ~np.isfinite(z["log_density"]))
+    unresolved = [line for line in warned if "unresolved" in line]
+    assert len(unresolved) == 1 and unresolved[0].startswith(f"warning: {count} grid cells are unresolved"), warned
+    assert "Method.CONVOLUTION" in unresolved[0]  # the remedy
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    """--overwr is not --overwrite: one error line, exit 2, nothing written (argparse would expand it)."""
+    out = tmp_path / "gt"
+    assert run.main(_small(out, "--no-fig")) == 2
+    assert run.main(_small(out, "--overwr")) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines), lines
+    assert "--no-fig" in lines[0] and "--overwr" in lines[1]
+    assert not out.exists()
+
+
+def test_figures_command_refuses_abbreviated_flags(tmp_path, capsys):
+    """python -m fpe_lab.figures: --solver is not --solver-grids (exit 2, one error line)."""
+    from fpe_lab.figures.__main__ import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([str(tmp_path), "--solver", "16"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--solver" in lines[0], lines

@@ -122,16 +122,30 @@ def test_no_warning_for_a_good_problem():
 
 
 def test_resolution_warning_for_a_spiky_p0():
+    import warnings
+
     p0 = np.zeros(32)
     p0[16] = 1.0
-    with pytest.warns(ResolutionWarning, match="does not resolve p0"):
+    with warnings.catch_warnings(), pytest.warns(ResolutionWarning, match="does not resolve p0"):
+        warnings.simplefilter("ignore", BoundaryWarning)  # the spread spike reaches the walls of [−5, 5] too
         solve_fokker_planck(VPSDE(), p0, GRID, [0.5], method=Method.FINITE_VOLUME, n_steps=10, progress=False)
 
 
 def test_zero_time_returns_p0_and_warns_where_p0_vanishes():
-    p0 = gaussian(GRID)
-    sol = solve_fokker_planck(VPSDE(), p0, GRID, [0.0, 0.5], progress=False)
-    np.testing.assert_allclose(sol.density[0], p0 / GRID.integrate(p0), rtol=1e-14)  # exp(log) round-off
+    import warnings
+
+    grid = Grid(((-8.0, 8.0),), (56,))  # walls at p_t/max ≤ e^{−32} at t = 0.5: no BoundaryWarning
+    p0 = gaussian(grid)
+    sol = solve_fokker_planck(VPSDE(), p0, grid, [0.0, 0.5], progress=False)
+    np.testing.assert_allclose(sol.density[0], p0 / grid.integrate(p0), rtol=1e-14)  # exp(log) round-off
+    assert not sol.unresolved.any()
     p0[:4] = 0.0
-    with pytest.warns(ResolutionWarning, match="score is not finite"):
-        solve_fokker_planck(VPSDE(), p0, GRID, [0.0, 0.5], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sol = solve_fokker_planck(VPSDE(), p0, grid, [0.0, 0.5], progress=False)
+    # one warning, with the count and the remedy; the mask marks exactly the cells with zeros at t = 0
+    assert [str(w.message) for w in caught if issubclass(w.category, ResolutionWarning)] == [
+        f"{sol.unresolved.sum()} grid cells are unresolved (log p or score not finite) at t = 0: p0 is 0 there or "
+        "nearby, so p_t there depends on values of p0 below the float range: pass log_p0 (the exact log-density, "
+        "finite everywhere) instead of p0 (Solution.unresolved marks them)"]
+    assert sol.unresolved[0, :4].all() and not sol.unresolved[1].any()
