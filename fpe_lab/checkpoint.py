@@ -9,6 +9,7 @@ so a killed process leaves either the old checkpoint or the new one, never a tru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ __all__ = [
     "load_checkpoint",
     "write_config",
     "read_config",
+    "weights_sha256",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -93,6 +95,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first} (not a checkpoint written by "
                          "fpe_lab, or one holding objects other than tensors and plain values)") from None
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """The sha256 (hex) of a state dict's tensors: each name, dtype, shape and raw bytes in sorted name order,
+    so equal weights give equal checksums whatever device or file they came from."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def write_config(run_dir: str | os.PathLike, config: dict[str, Any]) -> None:

@@ -18,10 +18,13 @@ from pathlib import Path
 
 from fpe_lab.build import resolve_device
 from fpe_lab.checkpoint import ConfigMismatchError
-from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
 from fpe_lab.config import toy2d
-from fpe_lab.study import StudyPlan, parse_arm, parse_grid, run_study, submitit_submit, summarize, write_summary
+from fpe_lab.interrupts import Interrupted
+from fpe_lab.study import (StudyPlan, WorkerFailure, parse_arm, parse_grid, run_study, submitit_submit, summarize,
+                           write_summary)
+from fpe_lab.train import MAX_STEPS, TrainingInterrupted
 from fpe_lab import runs
 
 __all__ = ["add_parser"]
@@ -31,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("study", help="train and evaluate a grid of arms × seeds; write a paired summary",
-                              description=__doc__)
+                              description=__doc__, allow_abbrev=False)
     p.add_argument("preset", choices=[name for name, _, _ in PRESETS], help="the preset every run starts from")
     add_config_arguments(p, toy2d(), skip=("seed",))
     p.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
@@ -59,8 +62,8 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
         raise CLIError(f"--first-seed must be >= 0; got {args.first_seed}")
     if not 1 <= args.jobs <= 64:
         raise CLIError(f"--jobs must be in [1, 64]; got {args.jobs}")
-    if args.pretrain_steps is not None and args.pretrain_steps < 1:
-        raise CLIError(f"--pretrain-steps must be >= 1; got {args.pretrain_steps}")
+    if args.pretrain_steps is not None and not 1 <= args.pretrain_steps <= MAX_STEPS:
+        raise CLIError(f"--pretrain-steps must be in [1, {MAX_STEPS}]; got {args.pretrain_steps}")
     try:
         arms = (parse_grid(args.grid) if args.grid or not args.arm else []) + [parse_arm(a) for a in args.arm]
         return StudyPlan(base=base, arms=tuple(arms), seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
@@ -99,5 +102,9 @@ def _study_command(args: argparse.Namespace) -> int:
         csv_path, md_path = write_summary(summarize(plan, out), out)
     except (ValueError, ConfigMismatchError, FloatingPointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except (runs.RunBusyError, WorkerFailure) as e:
+        raise EnvironmentFailure(str(e)) from None
+    except TrainingInterrupted as e:  # its checkpoint is written; the study resumes when run again (no --resume)
+        raise Interrupted(e.signum) from None
     log.info("wrote %s and %s\n%s", csv_path, md_path, md_path.read_text(encoding="utf-8"))
     return 0
