@@ -398,6 +398,8 @@ class EvalConfig(Section):
     probes: int = setting(2, "Hutchinson probes per point where D is large", flag="eval-probes")
     seed: int | None = setting(None, "seed of the evaluation's draws (none: derived from the run's seed)",
                                flag="eval-seed")
+    gap_grid: int = setting(0, "N > 0: the ODE–SDE gap on an N×N grid, 2-D data only (0: skip; N = 128 takes about a "
+                            "minute on one core)", flag="eval-gap-grid")
 
     def __post_init__(self) -> None:
         self._check_enums()
@@ -415,6 +417,8 @@ class EvalConfig(Section):
         _check_int("eval_probes", self.probes, 2, 1024)
         if self.seed is not None:
             _check_int("eval_seed", self.seed, 0)
+        if self.gap_grid != 0:
+            _check_int("eval_gap_grid", self.gap_grid, 16, 512)
 
 
 @dataclass(frozen=True)
@@ -447,6 +451,9 @@ class RunConfig(Section):
             raise ValueError(f"reg_batch must be <= batch ({self.optim.batch}); got {reg.n_points}")
         if self.data.name is Dataset.CIFAR10 and self.data.data_dir is None:
             raise ValueError("data cifar10 needs data_dir (--data-dir: the cifar-10-batches-py folder or its parent)")
+        if self.eval.gap_grid and self.dim != 2:
+            raise ValueError(f"eval_gap_grid needs 2-D data (the grids are 2-D); data {self.data.name.value} has "
+                             f"D = {self.dim}")
         if max(self.eval.times) < self.loss.eps or min(self.eval.times) < self.loss.eps:
             raise ValueError(f"eval times must lie in [eps, 1] = [{self.loss.eps:g}, 1]; got {list(self.eval.times)}")
 

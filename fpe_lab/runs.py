@@ -455,11 +455,13 @@ def _evaluate(run: Run, progress: bool, device: torch.device, allow_partial: boo
             model, sde, data, truth, times=e.times, n_points=e.points, eps=config.loss.eps,
             generator=torch.Generator().manual_seed(config.eval_seed), n_nll=e.nll_points, nll_rtol=e.rtol,
             nll_repeats=e.repeats, dequantization=dequantization, n_samples=e.samples, probes=e.probes,
-            batch_size=e.batch, dtype=dtype, device=device, step=done, progress=progress)
+            batch_size=e.batch, dtype=dtype, device=device, step=done, progress=progress, gap_grid=e.gap_grid)
         report = dataclasses.replace(report, settings={**report.settings, "eval": e.to_dict(),
                                                        "eval_seed": config.eval_seed, "device": str(device)})
         atomic_write_text(run.path / METRICS_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
         _write_figures(run, model, sde, data, truth)
+        if report.gap_densities is not None:
+            _write_gap(run, report.gap_densities)
     return report
 
 
@@ -492,6 +494,18 @@ def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     return buf.getvalue()
+
+
+def _write_gap(run: Run, densities: dict[str, Any]) -> None:
+    """``gap.npz`` (the gridded truth, q_ODE, q_SDE and the box) and ``gap.png`` (:mod:`fpe_lab.figures.gap`)."""
+    import numpy as np
+
+    from fpe_lab.figures.gap import gap_figure
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in densities.items()})
+    atomic_write_bytes(run.path / "gap.npz", buf.getvalue())
+    atomic_write_bytes(run.path / "gap.png", _png(gap_figure([(run.config.label(), densities)])))
 
 
 def _write_figures(run: Run, model, sde, data, truth) -> None:

@@ -39,6 +39,7 @@ import torch
 
 from fpe_lab.fpe import Estimate, Hutchinson, Probe, ScoreFn
 from fpe_lab.likelihood import UniformDequantization, dsm_nll_bound, pf_ode_nll
+from fpe_lab.metrics.gap import GapReport, ode_sde_gap
 from fpe_lab.metrics.per_time import per_time_samples
 from fpe_lab.metrics.sample_distance import GaussianKernel, mmd2, noise_floor, sliced_wasserstein
 from fpe_lab.metrics.truth import Truth
@@ -139,6 +140,9 @@ class EvalReport:
     samples: Samples | None = None
     settings: dict = dataclasses.field(default_factory=dict)
     wall_s: float = 0.0
+    gap: GapReport | None = None
+    # the gridded densities behind ``gap`` (figures only; not part of metrics.json)
+    gap_densities: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def mean(self) -> dict[str, float]:
@@ -146,7 +150,10 @@ class EvalReport:
         return {k: sum(v) / len(v) for k, v in self.per_time.metrics().items()}
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = dataclasses.asdict(dataclasses.replace(self, gap_densities=None))
+        del d["gap_densities"]
+        if d["gap"] is None:
+            del d["gap"]  # metrics.json of a run evaluated without --eval-gap-grid keeps its 0.2 keys
         d["mean"] = self.mean
         return d
 
@@ -165,7 +172,8 @@ class EvalReport:
                                      "mmd2": Distances(**samples["mmd2"])})
             report = cls(times=_floats(d["times"]), per_time=per_time, dim=int(d["dim"]), step=d.get("step"),
                          nll=nll, samples=samples, settings=dict(d.get("settings", {})),
-                         wall_s=float(d.get("wall_s", 0.0)))
+                         wall_s=float(d.get("wall_s", 0.0)),
+                         gap=GapReport.from_dict(d["gap"]) if d.get("gap") is not None else None)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not an evaluation report: {type(e).__name__}: {e}") from None
         n = len(report.times)
@@ -246,6 +254,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     step: int | None = None,
     progress: bool = True,
+    gap_grid: int = 0,
 ) -> EvalReport:
     """Evaluate ``score_fn``; returns an :class:`EvalReport` (nothing NaN: a non-finite metric raises
     ``FloatingPointError`` naming it).
@@ -275,6 +284,8 @@ def evaluate(
         dtype, device: what ``score_fn`` receives (float64 for verification).
         step: the training step of the weights, recorded in the report.
         progress: tqdm bar over the stages.
+        gap_grid: N > 0 adds the ODE–SDE gap on an N × N grid (2-D data with a truth only;
+            :mod:`fpe_lab.metrics.gap`), with max(n_nll, 100) held-out points for the SDE model's NLL.
     """
     start = time.perf_counter()
     times = tuple(float(t) for t in times)
@@ -304,7 +315,7 @@ def evaluate(
             raise ValueError(f"data.sample({n}) must return shape ({n}, *dims); got {tuple(x0.shape)}")
         return x0.to(device)
 
-    stages = len(times) + (n_nll > 0) + 3 * (n_samples > 0)
+    stages = len(times) + (n_nll > 0) + 3 * (n_samples > 0) + (gap_grid > 0)
     bar = tqdm(total=stages, desc="evaluate", disable=not progress, leave=False)
     per_time: dict[str, list[float]] = {}
     dim = 0
@@ -321,6 +332,16 @@ def evaluate(
         bar.set_postfix_str("PF-ODE NLL")
         nll = _likelihood(score_fn, sde, draw(n_nll), truth, eps, nll_rtol, nll_repeats, dequantization, ode_method,
                           dtype, generator, batch_size, dim)
+        bar.update()
+
+    gap, gap_densities = None, None
+    if gap_grid:
+        if dim != 2 or truth is None:
+            raise ValueError(f"gap_grid needs 2-D data with a known truth; got D = {dim}, truth {truth!r}")
+        bar.set_postfix_str("ODE–SDE gap")
+        gap, dens, p_eps = ode_sde_gap(score_fn, sde, data, truth, n=gap_grid, eps=eps,
+                                       nll_points=max(n_nll, 100), generator=generator)
+        gap_densities = {"ode": dens.ode, "sde": dens.sde, "truth": p_eps, "box": gap.box}
         bar.update()
 
     samples = None
@@ -368,7 +389,8 @@ def evaluate(
         "ode_method": ode_method.value, "sample_rtol": sample_rtol,
     }
     report = EvalReport(times=times, per_time=PerTime(**{k: tuple(v) for k, v in per_time.items()}), dim=dim,
-                        step=step, nll=nll, samples=samples, settings=settings, wall_s=time.perf_counter() - start)
+                        step=step, nll=nll, samples=samples, settings=settings, wall_s=time.perf_counter() - start,
+                        gap=gap, gap_densities=gap_densities)
     log.debug("evaluate: %s", report.mean)
     return report
 
