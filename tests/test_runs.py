@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from fpe_lab import config as cfg
 from fpe_lab import run as cli
 from fpe_lab import runs
-from fpe_lab.checkpoint import load_checkpoint
+from fpe_lab.checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 
 from .fake_cifar import write_fake_cifar10
 
@@ -55,6 +56,42 @@ def test_image_runs_with_hutchinson_probes_are_bitwise_reproducible(preset, tmp_
     assert _equal(a, b) and _equal(a, c)
     assert not torch.equal(a["rng"]["noise"], load_checkpoint(next((tmp_path / "c").iterdir()) / "snapshots" /
                                                               "step_000000002.pt")["rng"]["noise"])
+
+
+UNETS = {"small": ["--model", "small", "--width", "16"],  # the preset's 16 groups need width 16k
+         "ddpmpp": ["--model", "ddpmpp", "--width", "32"]}
+
+
+def _same_checkpoint(a: dict, b: dict) -> None:
+    """Weights, EMA, optimizer moments, step, history and every RNG state bitwise equal."""
+    assert a.keys() == b.keys() and a["step"] == b["step"] and a["fingerprint"] == b["fingerprint"]
+    for key in ("model", "ema", "rng"):
+        assert a[key].keys() == b[key].keys(), key
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    for k, st in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][k][n]) for n, v in st.items())
+    assert torch.equal(a["history"], b["history"])
+
+
+@pytest.mark.parametrize("size", list(UNETS))
+def test_dropout_runs_are_reproducible_and_resume_bitwise(size, tmp_path):
+    """U-Net dropout draws from the global RNG, which each run seeds and each checkpoint carries."""
+    pytest.importorskip("sklearn")
+    args = ["digits", *UNETS[size], "--depth", "1", "--dropout", "0.3", "--reg", "none", "--batch", "4",
+            "--ckpt-every", "2", "--eval-points", "4", "--eval-nll-points", "0", "--eval-batch", "4",
+            "--eval-times", "0.5"]
+    torch.manual_seed(123)
+    assert _main(*args, "--steps", "4", "--out", tmp_path / "a") == 0
+    torch.manual_seed(456)
+    assert _main(*args, "--steps", "4", "--out", tmp_path / "b") == 0
+    # stopped after its step-2 checkpoint (not evaluated: a 2-step U-Net is no score), then resumed
+    half = runs.load(next((tmp_path / "a").iterdir())).config.override({("optim", "steps"): 2})
+    runs.train(half, tmp_path / "c", progress=False, evaluate_after=False)
+    assert _main(*args, "--steps", "4", "--resume", "--out", tmp_path / "c") == 0
+    a, b, c = _state(tmp_path / "a"), _state(tmp_path / "b"), _state(tmp_path / "c")
+    assert "torch" in a["rng"]
+    _same_checkpoint(a, b)
+    _same_checkpoint(a, c)
 
 
 _SCRIPT = """
@@ -126,3 +163,89 @@ def test_init_from_another_architecture_is_refused(tmp_path, capsys):
     assert _main("toy2d", "--width", "8", *tiny, "--init-from", src, "--reg", "none", "--out", tmp_path / "b") == 0
     b = runs.load(next((tmp_path / "b").iterdir()))
     assert b.config.optim.init_from == str(src)
+
+
+TINY = ["--width", "8", "--depth", "1", "--batch", "16", "--eval-points", "4", "--eval-nll-points", "0",
+        "--eval-samples", "0", "--eval-times", "0.5"]
+
+
+def _only(out: Path) -> Path:
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder but its lock, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != runs.LOCK_NAME}
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_resume_and_eval(tmp_path, capsys):
+    assert _main("toy2d", *TINY, "--steps", "2", "--out", tmp_path / "a") == 0
+    assert _main("toy2d", *TINY, "--steps", "2", "--seed", "1", "--out", tmp_path / "b") == 0
+    a, b = _only(tmp_path / "a"), _only(tmp_path / "b")
+    fp_a, fp_b = runs.load(a).config.fingerprint(), runs.load(b).config.fingerprint()
+    shutil.copy(b / "checkpoint.pt", a / "checkpoint.pt")  # swapped in from another run
+    swapped = load_checkpoint(b / "checkpoint.pt")
+    unstamped = {k: v for k, v in swapped.items() if k != "fingerprint"}
+    for state, named in ((swapped, fp_b), (unstamped, "none")):
+        save_checkpoint(a / "checkpoint.pt", state)
+        before = _files(a)
+        for argv in (["toy2d", *TINY, "--steps", "4", "--resume", "--out", tmp_path / "a"], ["eval", a]):
+            capsys.readouterr()
+            assert _main(*argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+            assert f"{a / 'checkpoint.pt'} was trained with fingerprint {named}" in err, err
+            assert f"has fingerprint {fp_a}" in err, err
+            assert _files(a) == before  # refused before anything was written or re-stamped
+
+
+_HOLD = """
+import sys
+from fpe_lab import runs
+with runs.lock_run(sys.argv[1], "holding it for a test"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_run_folder_in_use_is_refused_with_the_holder_named(tmp_path, capsys):
+    assert _main("toy2d", *TINY, "--steps", "2", "--out", tmp_path) == 0
+    folder = _only(tmp_path)
+    with subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            before = _files(folder)
+            for argv in (["toy2d", *TINY, "--steps", "4", "--resume", "--out", tmp_path], ["eval", folder]):
+                capsys.readouterr()
+                assert _main(*argv) == 1  # an environment failure, not bad input
+                err = capsys.readouterr().err
+                assert err.startswith("error: ") and err.count("\n") == 1, err
+                assert f"{folder} is in use by another process (pid {holder.pid}, holding it for a test" in err
+            assert _files(folder) == before
+        finally:
+            holder.kill()  # SIGKILL: no clean-up runs, the operating system releases the lock
+    assert _main("toy2d", *TINY, "--steps", "4", "--resume", "--out", tmp_path) == 0
+    assert runs.load(folder).is_finished and runs.load(folder).steps_done == 4
+    assert (folder / runs.LOCK_NAME).read_text() == ""  # released and emptied
+
+
+def test_init_from_records_its_source_and_leaves_other_runs_alone(tmp_path):
+    assert _main("toy2d", *TINY, "--steps", "2", "--out", tmp_path / "src") == 0
+    src = _only(tmp_path / "src")
+    src_state = load_checkpoint(src / "checkpoint.pt")
+    assert "init_from" not in src_state and not (src / runs.INIT_FROM_NAME).exists()  # a run without --init-from
+    assert _main("toy2d", *TINY, "--steps", "2", "--init-from", src, "--reg", "none", "--out", tmp_path / "b") == 0
+    b = _only(tmp_path / "b")
+    record = json.loads((b / runs.INIT_FROM_NAME).read_text())
+    assert record == {"path": str(src / "checkpoint.pt"), "fingerprint": runs.load(src).config.fingerprint(),
+                      "step": 2, "weights": "ema", "sha256": weights_sha256(src_state["ema"])}
+    assert load_checkpoint(b / "checkpoint.pt")["init_from"] == record
+    # the record stays what the run started from when it grows, even if the source has changed since
+    assert _main("toy2d", *TINY, "--steps", "4", "--resume", "--out", tmp_path / "src") == 0
+    assert _main("toy2d", *TINY, "--steps", "4", "--init-from", src, "--reg", "none", "--resume",
+                 "--out", tmp_path / "b") == 0
+    assert load_checkpoint(b / "checkpoint.pt")["init_from"] == record
+    assert json.loads((b / runs.INIT_FROM_NAME).read_text()) == record

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 
 import pytest
@@ -13,14 +12,13 @@ from fpe_lab.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     save_checkpoint,
-    write_config,
 )
 from fpe_lab.fpe import Hutchinson
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.losses import LossTerms, ScoreFPELoss
-from fpe_lab.regularizers import FPERegularizer
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
+from fpe_lab.regularizers import FPERegularizer
 from fpe_lab.sde import VESDE, VPSDE
 from fpe_lab.train import NonFiniteLossError, TrainOptions, ema_decay_at, ema_update, train
 
