@@ -69,7 +69,8 @@ def test_paper_protocol_flags_are_recorded_and_config_reproduces_the_run_bitwise
     first = _only_run(tmp_path / "a")
     saved = json.loads((first / "config.json").read_text())
     assert saved["loss"]["dsm_weighting"] == "likelihood" and saved["loss"]["eps"] == 1e-5
-    assert saved["loss"]["reg"] == {**saved["loss"]["reg"], "kind": "fpe", "lam": 0.15, "weighting": "g2"}
+    assert saved["loss"]["reg"] == {**saved["loss"]["reg"], "kind": "fpe", "lam": 0.15}
+    assert saved["loss"]["reg"]["fpe"]["weighting"] == "g2"
     assert _main("toy2d", "--config", first / "config.json", "--out", tmp_path / "b") == 0
     second = _only_run(tmp_path / "b")
     assert second.name == first.name
@@ -107,8 +108,8 @@ def test_metrics_jsonl_has_every_term_per_step(tmp_path):
     assert _main("toy2d", *TINY, "--steps", "5", "--out", tmp_path) == 0
     hist = runs.read_history(_only_run(tmp_path))
     assert [r["step"] for r in hist] == [1, 2, 3, 4, 5]
-    assert set(hist[0]) == {"step", "loss", "dsm", "fpe", "lr", "grad_norm", "wall_s"}
-    assert all(abs(r["loss"] - (r["dsm"] + 0.1 * r["fpe"])) <= 1e-6 * abs(r["loss"]) for r in hist)  # float32 sum
+    assert set(hist[0]) == {"step", "loss", "dsm", "reg", "lr", "grad_norm", "wall_s"}
+    assert all(abs(r["loss"] - (r["dsm"] + 0.1 * r["reg"])) <= 1e-6 * abs(r["loss"]) for r in hist)  # float32 sum
 
 
 def test_reg_none_and_lam_zero_are_one_setting(tmp_path, capsys):
@@ -130,7 +131,7 @@ def test_reg_none_and_lam_zero_are_one_setting(tmp_path, capsys):
         (["--reg", "fpe", "--lam", "0"], "a regularizer needs lam > 0"),
         (["--eval-times", "0.0001"], "eval times must lie in [eps, 1]"),
         (["--unknown-flag"], "unrecognized arguments: --unknown-flag"),
-        (["--data", "cifar10", "--residual-path", "jet", "--data-dir", "x"], "residual_path jet needs the MLP"),
+        (["--data", "cifar10", "--fpe-residual-path", "jet", "--data-dir", "x"], "residual_path jet needs the MLP"),
     ],
 )
 def test_bad_values_are_one_error_line_with_exit_2(argv, message, capsys, tmp_path):
@@ -203,3 +204,50 @@ def test_real_process_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_eval_never_writes_config_json_and_checks_its_device_first(tmp_path, capsys, monkeypatch):
+    assert _main("toy2d", *TINY, "--steps", "4", "--out", tmp_path) == 0
+    folder = _only_run(tmp_path)
+    config, metrics = (folder / "config.json").read_bytes(), (folder / "metrics.json").read_bytes()
+    if not torch.cuda.is_available():
+        assert _main("eval", folder, "--device", "cuda") == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert _main("eval", folder, "--eval-rtol", "1") == 2  # refused before evaluating, not after
+    assert "eval_rtol must be a finite number in (0, 1)" in capsys.readouterr().err
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(runs, "evaluate_score", out_of_memory)
+    assert _main("eval", folder, "--eval-points", "8") == 1  # fails midway: an environment failure
+    monkeypatch.undo()
+    assert (folder / "config.json").read_bytes() == config and (folder / "metrics.json").read_bytes() == metrics
+    # the settings of an evaluation are recorded beside its numbers; config.json keeps the run's
+    assert _main("eval", folder, "--eval-times", "0.2", "--eval-points", "8", "--device", "cpu") == 0
+    assert (folder / "config.json").read_bytes() == config
+    settings = json.loads((folder / "metrics.json").read_text())["settings"]
+    assert settings["eval"]["times"] == [0.2] and settings["eval"]["points"] == 8 and settings["device"] == "cpu"
+    assert settings["eval_seed"] == runs.load(folder).config.eval_seed
+    assert _main("eval", folder) == 0  # without flags: the run's own settings again
+    assert json.loads((folder / "metrics.json").read_text())["settings"]["eval"]["times"] == [0.1, 0.5]
+
+
+def _fd_step_flag() -> str:
+    return "--" + next(leaf.flag for leaf in leaves() if leaf.path[-1] == "fd_step")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "100000000000000000000"], "steps must be an integer in [1, 1000000000]; got 100000000000000000000"),
+    (["--steps", "1e20"], "argument --steps: invalid int value: '1e20'"),
+    (["--eval-rtol", "1"], "eval_rtol must be a finite number in (0, 1); got 1.0"),
+    (["--eval-seed", "100000000000000000000000"], "eval_seed must be an integer in [0, 4611686018427387904]"),
+    ([None, "0.5"], "fd_step must be"),
+], ids=["steps-huge", "steps-float", "eval-rtol-one", "eval-seed-huge", "fd-step-half"])
+def test_values_refused_only_after_training_are_refused_first(argv, message, capsys, tmp_path):
+    argv = [_fd_step_flag() if a is None else a for a in argv]
+    assert _main("toy2d", *TINY, "--steps", "2", *argv, "--out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert "Traceback" not in err and "unexpected" not in err
+    assert not any(tmp_path.iterdir())  # nothing written: refused before the run folder
