@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +17,17 @@ from fpe_lab import run as cli
 from fpe_lab import runs
 from fpe_lab.checkpoint import load_checkpoint
 from fpe_lab.regularizers.fpe import FPEWeighting
-from fpe_lab.study import StudyPlan, parse_grid, run_study, submitit_submit, summarize, write_summary
+from fpe_lab.study import (
+    MAX_RUNS,
+    Arm,
+    StudyPlan,
+    parse_arm,
+    parse_grid,
+    run_study,
+    submitit_submit,
+    summarize,
+    write_summary,
+)
 
 TINY = ["--width", "8", "--depth", "1", "--batch", "16", "--steps", "6", "--eval-points", "8",
         "--eval-nll-points", "3", "--eval-samples", "0", "--eval-times", "0.1", "0.5", "--eval-rtol", "1e-3"]
@@ -121,7 +134,9 @@ def test_pretraining_stage_and_fine_tuning(tmp_path):
     assert h[0][0]["dsm"] == h[1][0]["dsm"]
 
 
-@pytest.mark.parametrize("kind", ["debug", pytest.param("local", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", [
+    pytest.param("debug", marks=pytest.mark.filterwarnings("ignore::ResourceWarning")),  # submitit's open job logs
+    pytest.param("local", marks=pytest.mark.slow)])
 def test_submitit_executors_run_the_same_study(kind, tmp_path):
     """DebugExecutor runs the submitted jobs in this process; LocalExecutor in subprocesses, as on a cluster
     (slow: measured ~5 min for two tiny runs on a loaded 2-core machine, mostly job start-up and polling)."""
@@ -136,6 +151,10 @@ def test_submitit_executors_run_the_same_study(kind, tmp_path):
     for a, b in zip(folders, ref):
         sa, sb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
         assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])  # same run, another process
+    del executor  # submitit's DebugExecutor leaves its jobs' log files open: let them go here, quietly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def test_study_command_end_to_end(tmp_path, capsys):
@@ -160,3 +179,74 @@ def test_local_workers_give_the_same_runs(tmp_path):
     for a, b in zip(two, one):
         sa, sb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
         assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])  # same run in a worker process
+
+
+@pytest.mark.parametrize("item, match", [
+    ("seed=1,2", "the seed is not an arm field"),
+    ("steps=10,20", "steps is not an arm field"),
+    ("ckpt_every=1,2", "ckpt_every is not an arm field"),
+    ("keep=1,2", "keep is not an arm field"),
+    ("threads=1,2", "threads is not an arm field"),
+    ("device=cpu,auto", "device is not an arm field"),
+    ("eval_points=8,16", "evaluation settings are not arm fields"),
+    ("eval_seed=1,2", "evaluation settings are not arm fields"),
+])
+def test_fields_that_do_not_change_the_weights_are_not_arms(item, match):
+    """Such arms were one run folder: --grid steps=10,20 trained only steps=10, seed=1,2 the seed-0 run twice."""
+    with pytest.raises(ValueError, match=match):
+        parse_grid([item])
+    with pytest.raises(ValueError, match=match):
+        parse_arm(item.split(",")[0])
+    # a plan given such an arm directly (e.g. read from a study.json) refuses it too
+    name = item.partition("=")[0]
+    (leaf,) = [leaf for leaf in cfg.leaves() if leaf.flag.replace("-", "_") == name]
+    with pytest.raises(ValueError, match=match):
+        StudyPlan(_base(), (Arm(name, ((leaf.path, leaf.get(_base())),)),), seeds=(0,))
+
+
+def test_a_study_has_at_most_max_runs():
+    lams = ",".join(f"{k / 1000:g}" for k in range(1, MAX_RUNS + 2))
+    with pytest.raises(ValueError, match=f"gives {MAX_RUNS + 1} arms .* at most {MAX_RUNS} runs"):
+        parse_grid([f"lam={lams}"])
+    arms = tuple(parse_grid(["lam=0.1,0.2"]))
+    StudyPlan(_base(), arms, seeds=tuple(range(MAX_RUNS // 2)))
+    with pytest.raises(ValueError, match=f"2 arms × {MAX_RUNS // 2 + 1} seeds .* at most {MAX_RUNS} runs"):
+        StudyPlan(_base(), arms, seeds=tuple(range(MAX_RUNS // 2 + 1)))
+
+
+def test_init_from_and_pretraining_exclude_each_other(tmp_path):
+    arms = tuple(parse_grid(["lam=0,0.5"]))
+    with pytest.raises(ValueError, match="--init-from and --pretrain-steps exclude each other"):
+        StudyPlan(_base().override({("optim", "init_from"): str(tmp_path)}), arms, seeds=(0,), pretrain_steps=2)
+    with pytest.raises(ValueError, match="--init-from and --pretrain-steps exclude each other"):
+        StudyPlan(_base(), tuple(parse_grid([f"init_from={tmp_path}"])), seeds=(0,), pretrain_steps=2)
+
+
+def test_the_star_marks_intervals_that_exclude_zero_below_and_above(tmp_path, monkeypatch):
+    """Every metric is lower-is-better: a significantly negative difference (better) is starred as much as a
+    significantly positive one (worse); an interval containing zero is not."""
+    plan = StudyPlan(_base(), tuple(parse_grid(["lam=0,0.1,0.2,0.3"])), seeds=(0, 1, 2))
+    control = [1.0, 2.0, 3.0]
+    offsets = {"lam=0": [0.0, 0.0, 0.0], "lam=0.1": [-1.0, -1.1, -0.9], "lam=0.2": [1.0, 1.1, 0.9],
+               "lam=0.3": [-1.0, 1.0, 0.1]}
+    value = {runs.run_dir(plan.config(a, s, tmp_path), tmp_path): c + offsets[a.name][i]
+             for a in plan.arms for i, (s, c) in enumerate(zip(plan.seeds, control))}
+
+    def fake_load(folder):
+        v = value[Path(folder)]
+        report = SimpleNamespace(mean={"fpe_residual_rel": v, "jacobian_asymmetry_rel": v, "dsm": v}, times=(0.5,),
+                                 per_time=SimpleNamespace(fpe_residual=(v,), score_error=None), nll=None, samples=None)
+        return SimpleNamespace(report=report, is_finished=True)
+
+    monkeypatch.setattr(runs, "load", fake_load)
+    monkeypatch.setattr(runs, "read_history", lambda folder: [])
+    rows = {r["arm"]: r for r in summarize(plan, tmp_path)}
+    better, worse, unclear = rows["lam=0.1"], rows["lam=0.2"], rows["lam=0.3"]
+    assert better["dsm_hi"] < 0 and better["dsm_sig"] is True
+    assert worse["dsm_lo"] > 0 and worse["dsm_sig"] is True
+    assert unclear["dsm_lo"] < 0 < unclear["dsm_hi"] and unclear["dsm_sig"] is False
+    _, md = write_summary(list(rows.values()), tmp_path)
+    cells = {line.split("|")[1].strip(): line.split("|")[4] for line in md.read_text().splitlines()
+             if line.startswith("| lam=")}  # the dsm column
+    assert cells["lam=0.1"].strip().endswith("*)") and cells["lam=0.2"].strip().endswith("*)")
+    assert "*" not in cells["lam=0.3"] and "Δ" in cells["lam=0.3"] and "Δ" not in cells["lam=0"]
