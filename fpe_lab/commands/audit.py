@@ -1,9 +1,10 @@
 """``python -m fpe_lab.run audit MODEL --data DATA --out DIR``: audit a score model against the score
 Fokker–Planck equation (:func:`fpe_lab.audit.audit`) at a grid of times.
 
-MODEL is a diffusers ``UNet2DModel`` folder (a DDPM noise predictor, read as the VP-SDE score
-−ε̂(x, t(N − 1))/sigma(t): :mod:`fpe_lab.nets.diffusers_model`; needs ``pip install -e ".[audit]"``)
-or an fpe_lab run folder (its EMA weights and SDE). DATA is ``cifar10`` (test split, ``--data-dir``),
+MODEL is a diffusers ``UNet2DModel`` folder (an epsilon-, v- or sample-predicting network with any
+diffusers beta schedule, read as the score −ε̂(x, t)/sigma(t) under the VP SDE of its own ᾱ table, network
+timestep N t − 1: :mod:`fpe_lab.nets.diffusers_model`; needs ``pip install -e ".[audit]"``) or an fpe_lab
+run folder (its EMA weights and SDE). DATA is ``cifar10`` (test split, ``--data-dir``),
 ``digits`` (test split), a 2-D toy set, or ``model``: samples of the model itself (reverse SDE from
 the prior, ``--sample-steps`` Euler–Maruyama steps down to ``--eps``). ``--points`` data points per
 time are drawn without replacement with ``--seed``, which also seeds the noise and the probes.
@@ -46,6 +47,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "audit", help="audit a pretrained score model (diffusers UNet2DModel or fpe_lab run) against the score FPE",
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --overwr is not --overwrite: a flag must be spelled out
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="a diffusers UNet2DModel folder or an fpe_lab run folder")
     p.add_argument("--data", required=True, choices=DATA_CHOICES,
@@ -85,7 +87,8 @@ def _load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
             model = dm.load_diffusers_score(path, dtype=dtype, device=device)
         except (dm.MissingDiffusersError, dm.DiffusersModelError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
-        return model, model.sde, model.net.image_shape, f"diffusers UNet2DModel {path} (DDPM → {model.sde!r})"
+        described = f"diffusers UNet2DModel {path} ({model.net.schedule.prediction_type} prediction, {model.sde!r})"
+        return model, model.sde, model.net.image_shape, described
     from fpe_lab import runs
 
     if (path / "config.json").is_file():

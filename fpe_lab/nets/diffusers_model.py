@@ -1,42 +1,25 @@
-r"""A pretrained diffusers ``UNet2DModel`` (a DDPM noise predictor) as a score under the VP SDE.
+r"""A pretrained diffusers ``UNet2DModel`` as a score under the VP SDE of its own discrete schedule.
 
-**The discrete model.** DDPM (Ho et al. 2020) with N steps and linear betas
-β_k = β_start + k (β_end − β_start)/(N − 1), k = 0 … N − 1 (diffusers' 0-based timesteps), has
+**The mapping** (derivation: docs/derivations.md#the-diffusers-mapping). A diffusers scheduler with N
+training steps has ᾱ_k = ``alphas_cumprod[k]``, k = 0 … N − 1, and trains x_k = sqrt(ᾱ_k) x_0 +
+sqrt(1 − ᾱ_k) ε. Step k is put at t_k = (k + 1)/N and log ᾱ is interpolated linearly in t
+(:class:`fpe_lab.sde.TabulatedVPSDE`: exact at every step, any ``beta_schedule`` — linear,
+scaled_linear, squaredcos_cap_v2, sigmoid, laplace — or ``trained_betas``), so
 
-    x_k = sqrt(1 − β_k) x_{k−1} + sqrt(β_k) z_k,   so   x_k | x_data ~ N(sqrt(ᾱ_k) x_data, (1 − ᾱ_k) I),
-    ᾱ_k = ∏_{j=0}^{k} (1 − β_j)   (diffusers' ``alphas_cumprod[k]``),
+    alpha(t) = sqrt(ᾱ(t)),  sigma(t) = sqrt(1 − ᾱ(t)),  network timestep k = N t − 1 (fractional),
+    x_t = alpha x_0 + sigma ε,   v = alpha ε − sigma x_0   (diffusers' convention),
+    ε̂ = network output                          (prediction_type "epsilon"),
+    ε̂ = sigma x_t + alpha v̂                      ("v_prediction"; alpha² + sigma² = 1),
+    ε̂ = (x_t − alpha x̂_0)/sigma                  ("sample"),
+    s(x, t) = −ε̂/sigma(t).
 
-and the network ε̂(x, k) is trained to predict z in x = sqrt(ᾱ_k) x_data + sqrt(1 − ᾱ_k) z.
-
-**The continuous limit** (Score SDE, Song et al. 2021, Sec. 3.4 and App. B). Put the N steps on
-[0, 1] with width 1/N and define β̄(t) = N β(t (N − 1)), i.e. β̄(t) = beta_min + t (beta_max − beta_min)
-with beta_min = N β_start, beta_max = N β_end (0.1 and 20 for 1e-4 … 0.02 over N = 1000). Then
-
-    log ᾱ_k = Σ_{j≤k} log(1 − β_j) = −Σ_{j≤k} β_j + O(Σ β_j²) → −∫_0^{t_k} β̄(u) du = −B(t_k),
-
-which is the VP SDE dx = −½β̄ x dt + sqrt(β̄) dw with alpha(t)² = e^{−B(t)}, sigma(t)² = 1 − e^{−B(t)}
-(:class:`fpe_lab.sde.VPSDE`). So time t is network timestep k = t (N − 1) (the sinusoidal embedding
-takes fractional k), and since E[z | x_t] = −sigma(t) ∇ log p_t, the score is
-
-    s(x, t) = −ε̂(x, t (N − 1)) / sigma(t).
-
-**How close.** At t_k = k/(N − 1), exactly (the sum of the linear betas in closed form),
-
-    −log ᾱ_k − B(t_k) = E1 + E2,   E1 = (1 − t_k)(β_start + ½(β_end − β_start) t_k),
-    E2 = Σ_{j≤k} (−log(1 − β_j) − β_j) ∈ [½ Σ β_j², ½ Σ β_j² / (1 − β_end)],
-
-so E1 ≤ β_start + (β_end − β_start)/8 (a one-step offset: k + 1 discrete steps of width 1/N against
-time k/(N − 1)) and E2 ≤ ½ Σ_j β_j² ≈ (1/2N) ∫ β̄² (0.067 at t = 1 for the default schedule); both
-vanish like 1/N, and |alpha(t_k)² − ᾱ_k| = |sigma(t_k)² − (1 − ᾱ_k)| ≤ e^{−B}(E1 + E2). The map is not
-exact at finite N: the continuous B is an integral, the discrete schedule a product. Near t = 0 the
-one-step offset matters relative to sigma: sigma(0) = 0 while the first DDPM step already has noise
-sqrt(β_start) = 0.01, and at t = 1e-3 (k ≈ 1) sigma² is about half the discrete 1 − ᾱ_1, so the
-mapped score is off by up to ~√2 there; from k ≈ 10 (t ≈ 0.01) on, the mismatch is ≲ 5%.
+The network was trained at k ≥ 0 only, i.e. t ≥ 1/N.
 
 **Loading.** Weights are read only from ``diffusion_pytorch_model.safetensors`` or, failing that,
 ``diffusion_pytorch_model.bin`` through ``torch.load(weights_only=True)``: nothing is ever unpickled
 beyond tensors and plain containers, so a checkpoint cannot run code. The model is built from
-``config.json`` (plain JSON) with ``UNet2DModel.from_config``.
+``config.json`` (plain JSON) with ``UNet2DModel.from_config``; the schedule from the pipeline's
+``scheduler/scheduler_config.json`` (plain JSON; only the betas and ``prediction_type`` are read).
 
 **Differentiability.** The residual needs forward-mode AD in t and double backward in x. diffusers'
 default attention (``scaled_dot_product_attention``) supports neither on CPU, so every attention
@@ -46,9 +29,10 @@ The positional time embedding is evaluated in the input's dtype (diffusers casts
 for float64 the attention's upcast of QKᵀ and softmax to float32 (a safeguard for float16) is turned
 off, so a float64 model is float64 end to end.
 
-Time enters as k = (N − 1) t through sinusoids of frequency up to 1 in k, so ∂³_t s ~ N³ |s|: use the
+Time enters as k = N t − 1 through sinusoids of frequency up to 1 in k, so ∂³_t s ~ N³ |s|: use the
 exact forward-mode ∂_t (:class:`fpe_lab.fpe.ForwardModeDt`, the default); a central difference needs
-h ≲ 1e-6 (``FiniteDifferenceDt``'s default h = 1e-3 was off by ~20% on a random tiny UNet).
+h ≲ 1e-6 (``FiniteDifferenceDt``'s default h = 1e-3 was off by ~20% on a random tiny UNet), and must
+not straddle a step t_k, where beta(t) jumps.
 
 diffusers and safetensors are optional: ``pip install -e ".[audit]"``.
 """
@@ -59,6 +43,7 @@ import json
 import logging
 import math
 import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,10 +52,12 @@ import torch
 from torch import nn
 
 from fpe_lab.model import ScoreModel
-from fpe_lab.sde import LinearSDE, VPSDE
+from fpe_lab.sde import LinearSDE, TabulatedVPSDE, VPSDE
+from fpe_lab.shapes import append_dims
 
 __all__ = [
     "DDPMSchedule",
+    "DiffusersSchedule",
     "DiffusersModelError",
     "MissingDiffusersError",
     "DiffusersEpsNet",
@@ -82,6 +69,8 @@ __all__ = [
     "CONFIG_NAME",
     "SAFETENSORS_NAME",
     "BIN_NAME",
+    "PREDICTION_TYPES",
+    "BETA_SCHEDULES",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,6 +80,8 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace")
 
 
 class MissingDiffusersError(ImportError):
@@ -113,13 +104,115 @@ def _require_diffusers():
     return UNet2DModel, Attention, AttnProcessor
 
 
-# ---------------------------------------------------------------------- the schedule
+# ---------------------------------------------------------------------- the schedules
+def _betas(kind: str, n: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """diffusers' ``beta_schedule`` formulas (DDPMScheduler, diffusers 0.42), in float64."""
+    k = torch.arange(n, dtype=torch.float64)
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    if kind == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, n, dtype=torch.float64)) * (beta_end - beta_start) + beta_start
+
+    if kind == "squaredcos_cap_v2":  # 1 − ᾱ((i+1)/N)/ᾱ(i/N), ᾱ(t) = cos²((t + 0.008)/1.008 · π/2), capped at 0.999
+        def alpha_bar(t):
+            return torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    else:  # laplace
+        def alpha_bar(t):
+            lmb = -0.5 * torch.sign(0.5 - t) * torch.log(1 - 2 * torch.abs(0.5 - t) + 1e-6)
+            return torch.sqrt(torch.exp(lmb) / (1 + torch.exp(lmb)))
+    return torch.clamp(1 - alpha_bar((k + 1) / n) / alpha_bar(k / n), max=0.999)
+
+
+@dataclass(frozen=True, repr=False)
+class DiffusersSchedule:
+    """A diffusers training schedule: ᾱ_k (``alphas_cumprod``, float64) and what the network predicts.
+
+    :meth:`sde` is its :class:`~fpe_lab.sde.TabulatedVPSDE` and :meth:`timestep` the network input
+    k = N t − 1 (module docstring).
+    """
+
+    alphas_cumprod: tuple[float, ...]
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "table"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise DiffusersModelError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; "
+                                      f"got {self.prediction_type!r}")
+        object.__setattr__(self, "alphas_cumprod", tuple(float(v) for v in self.alphas_cumprod))
+        try:
+            sde = TabulatedVPSDE.from_alphas_cumprod(self.alphas_cumprod, self.beta_schedule)
+        except ValueError as e:
+            raise DiffusersModelError(f"alphas_cumprod of the {self.beta_schedule} schedule: {e}") from None
+        object.__setattr__(self, "_sde", sde)
+
+    @classmethod
+    def from_betas(cls, betas, prediction_type: str = "epsilon", beta_schedule: str = "table") -> DiffusersSchedule:
+        """ᾱ_k = ∏_{j≤k} (1 − β_j) from the betas (any sequence or tensor; float64)."""
+        b = torch.as_tensor(betas, dtype=torch.float64).reshape(-1)
+        if b.numel() < 2 or not bool(((b > 0) & (b < 1)).all()):
+            raise DiffusersModelError(f"betas must be at least 2 numbers in (0, 1); got {b.numel()} with range "
+                                      f"[{float(b.min()) if b.numel() else float('nan'):.3g}, "
+                                      f"{float(b.max()) if b.numel() else float('nan'):.3g}]")
+        return cls(tuple(float(v) for v in torch.cumprod(1 - b, 0)), prediction_type, beta_schedule)
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict[str, Any], where: str = "scheduler config") -> DiffusersSchedule:
+        """The schedule of a diffusers ``scheduler_config.json`` (DDPM, DDIM, …): ``trained_betas`` or
+        ``beta_schedule`` with ``beta_start``, ``beta_end``, ``num_train_timesteps``, and ``prediction_type``
+        (defaults as diffusers'). A zero terminal SNR (``rescale_betas_zero_snr``) has ᾱ_{N−1} = 0 and no
+        VP SDE with finite log ᾱ: a :class:`DiffusersModelError`, like an unknown schedule or prediction."""
+        pred = config.get("prediction_type", "epsilon")
+        if pred not in PREDICTION_TYPES:
+            raise DiffusersModelError(f"{where}: prediction_type {pred!r}; supported: {', '.join(PREDICTION_TYPES)}")
+        if config.get("rescale_betas_zero_snr"):
+            raise DiffusersModelError(f"{where}: rescale_betas_zero_snr makes ᾱ = 0 at the last step (zero terminal "
+                                      "SNR), where log ᾱ and the tabulated VP SDE are undefined; not supported")
+        trained = config.get("trained_betas")
+        try:
+            if trained is not None:
+                return cls.from_betas(trained, pred, "trained_betas")
+            kind = config.get("beta_schedule", "linear")
+            if kind not in BETA_SCHEDULES:
+                raise DiffusersModelError(f"{where}: beta_schedule {kind!r}; supported: {', '.join(BETA_SCHEDULES)} "
+                                          "or trained_betas")
+            n = config.get("num_train_timesteps", 1000)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+                raise DiffusersModelError(f"{where}: num_train_timesteps must be an int >= 2; got {n!r}")
+            betas = _betas(kind, n, float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)))
+            return cls.from_betas(betas, pred, kind)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, DiffusersModelError) and str(e).startswith(where):
+                raise
+            raise DiffusersModelError(f"{where}: {e}") from None
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def sde(self) -> TabulatedVPSDE:
+        """The VP SDE with log ᾱ piecewise linear through ((k + 1)/N, log ᾱ_k)."""
+        return self._sde
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """Network timestep k = N t − 1 for t in [0, 1] (fractional), same shape and dtype as t."""
+        return t * self.n_steps - 1
+
+    def __repr__(self) -> str:
+        return (f"DiffusersSchedule(beta_schedule={self.beta_schedule!r}, N={self.n_steps}, "
+                f"prediction_type={self.prediction_type!r})")
+
+
 @dataclass(frozen=True)
 class DDPMSchedule:
     """Linear DDPM betas β_k = beta_start + k (beta_end − beta_start)/(n_steps − 1), k = 0 … n_steps − 1.
 
-    :meth:`vp_sde` is its continuous limit VPSDE(n_steps·beta_start, n_steps·beta_end) and
-    :meth:`timestep` the network input t·(n_steps − 1) (module docstring).
+    :meth:`diffusers_schedule` is its table (what :func:`load_diffusers_score` uses); :meth:`vp_sde` is
+    the closed-form continuous limit VPSDE(n_steps·beta_start, n_steps·beta_end) with the time map
+    :meth:`timestep` = t·(n_steps − 1), off by O(1/N) (:meth:`log_alpha_bound`;
+    docs/derivations.md#the-diffusers-mapping).
     """
 
     beta_start: float = 1e-4
@@ -136,25 +229,6 @@ class DDPMSchedule:
         if self.beta_end < self.beta_start:
             raise ValueError(f"beta_end must be >= beta_start; got beta_start={self.beta_start}, beta_end={self.beta_end}")
 
-    @classmethod
-    def from_scheduler_config(cls, config: dict[str, Any], where: str = "scheduler config") -> DDPMSchedule:
-        """The schedule of a diffusers DDPM/DDIM ``scheduler_config.json``; only linear betas with
-        epsilon prediction map onto the VP SDE (anything else is a :class:`DiffusersModelError`)."""
-        kind = config.get("beta_schedule", "linear")
-        if kind != "linear" or config.get("trained_betas") is not None:
-            raise DiffusersModelError(
-                f"{where}: beta_schedule {kind!r} (trained_betas {'set' if config.get('trained_betas') is not None else 'unset'}) "
-                "does not map onto the VP SDE; only linear betas do"
-            )
-        pred = config.get("prediction_type", "epsilon")
-        if pred != "epsilon":
-            raise DiffusersModelError(f"{where}: prediction_type {pred!r}; only 'epsilon' (noise prediction) is supported")
-        try:
-            return cls(float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02)),
-                       int(config.get("num_train_timesteps", 1000)))
-        except (TypeError, ValueError) as e:
-            raise DiffusersModelError(f"{where}: {e}") from None
-
     def betas(self) -> torch.Tensor:
         """β_k, float64 (n_steps,)."""
         return torch.linspace(self.beta_start, self.beta_end, self.n_steps, dtype=torch.float64)
@@ -163,17 +237,21 @@ class DDPMSchedule:
         """ᾱ_k = ∏_{j≤k} (1 − β_j), float64 (n_steps,)."""
         return torch.cumprod(1.0 - self.betas(), 0)
 
+    def diffusers_schedule(self, prediction_type: str = "epsilon") -> DiffusersSchedule:
+        """The table of these betas as a :class:`DiffusersSchedule`."""
+        return DiffusersSchedule.from_betas(self.betas(), prediction_type, "linear")
+
     def vp_sde(self) -> VPSDE:
         """The continuous limit: VPSDE(beta_min = N β_start, beta_max = N β_end)."""
         return VPSDE(beta_min=self.n_steps * self.beta_start, beta_max=self.n_steps * self.beta_end)
 
     def timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """Network timestep k = t (N − 1) for t in [0, 1] (fractional), same shape and dtype as t."""
+        """The continuous limit's network timestep k = t (N − 1) for t in [0, 1], same shape and dtype as t."""
         return t * (self.n_steps - 1)
 
     def log_alpha_bound(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bounds (lo_k, hi_k) on −log ᾱ_k − B(t_k) at t_k = k/(N − 1): E1 + ½Σβ² and E1 + ½Σβ²/(1 − β_end)
-        (module docstring), float64 (n_steps,)."""
+        (docs/derivations.md#the-diffusers-mapping), float64 (n_steps,)."""
         t = torch.arange(self.n_steps, dtype=torch.float64) / (self.n_steps - 1)
         e1 = (1 - t) * (self.beta_start + 0.5 * (self.beta_end - self.beta_start) * t)
         half_sq = 0.5 * torch.cumsum(self.betas() ** 2, 0)
@@ -214,16 +292,19 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 
 
 class DiffusersEpsNet(nn.Module):
-    """n(x, t) = ε̂(x, t (N − 1)) of a diffusers UNet2DModel, x of shape (b, C, H, W), t of shape (b,).
+    """n(x, t) = ε̂(x, t): the noise the UNet2DModel's output stands for, at network timestep k = N t − 1.
 
-    Wrap it in :class:`fpe_lab.model.ScoreModel` with the schedule's VP SDE for the score
-    −n/sigma(t) (:func:`load_diffusers_score` does).
+    x of shape (b, C, H, W), t of shape (b,). With alpha, sigma the marginal of the schedule's
+    :class:`~fpe_lab.sde.TabulatedVPSDE` at t: ε̂ = output ("epsilon"), sigma x + alpha output
+    ("v_prediction"), (x − alpha output)/sigma ("sample"). Wrap it in :class:`fpe_lab.model.ScoreModel`
+    with that SDE for the score −n/sigma(t) (:func:`load_diffusers_score` does).
     """
 
-    def __init__(self, unet: nn.Module, schedule: DDPMSchedule) -> None:
+    def __init__(self, unet: nn.Module, schedule: DiffusersSchedule) -> None:
         super().__init__()
         self.unet = unet
         self.schedule = schedule
+        self.sde = schedule.sde()
         cfg = unet.config
         size = cfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -236,7 +317,14 @@ class DiffusersEpsNet(nn.Module):
                 f"the diffusers model takes images of shape (b, {c}, {h}, {w}) (in_channels={c}, sample_size={h}×{w}); "
                 f"got x of shape {tuple(x.shape)}"
             )
-        return self.unet(x, self.schedule.timestep(t)).sample
+        out = self.unet(x, self.schedule.timestep(t)).sample
+        kind = self.schedule.prediction_type
+        if kind == "epsilon":
+            return out
+        alpha, sigma = (append_dims(v.to(x.dtype), x.ndim) for v in self.sde.marginal(t))
+        if kind == "v_prediction":  # v = alpha ε − sigma x_0 and x = alpha x_0 + sigma ε
+            return sigma * x + alpha * out
+        return (x - alpha * out) / sigma  # "sample": out = x̂_0
 
 
 # ---------------------------------------------------------------------- finding and loading
@@ -324,7 +412,10 @@ def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             raise DiffusersModelError(f"cannot read {st} as safetensors: {e}") from None
     path = folder / BIN_NAME
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch notes a pickle protocol its safe unpickler may not support; the file is refused or read anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DiffusersModelError(
@@ -350,44 +441,45 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
         raise DiffusersModelError(f"{where}: out_channels {c_out} != in_channels {c_in}; a noise predictor returns the input's shape")
 
 
-def _same_vp(sde: Any, vp: VPSDE) -> bool:
-    """Same VP SDE up to float64 round-off of N·beta (1e-12 relative)."""
-    return (type(sde) is VPSDE and math.isclose(sde.beta_min, vp.beta_min, rel_tol=1e-12)
-            and math.isclose(sde.beta_max, vp.beta_max, rel_tol=1e-12))
-
-
 def load_diffusers_score(
     path: str | Path,
     *,
     sde: LinearSDE | None = None,
-    schedule: DDPMSchedule | None = None,
+    schedule: DiffusersSchedule | DDPMSchedule | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> ScoreModel:
-    """The score s(x, t) = −ε̂(x, t (N − 1))/sigma(t) of a diffusers UNet2DModel folder under the VP SDE.
+    """The score s(x, t) = −ε̂(x, t)/sigma(t) of a diffusers UNet2DModel folder under the VP SDE of its schedule.
 
     Args:
         path: a UNet folder or a pipeline folder (:func:`find_unet_dir`).
-        schedule: the DDPM betas; default from the pipeline's ``scheduler/scheduler_config.json`` when
-            present, else ``DDPMSchedule()`` (1e-4 … 0.02 over 1000 steps).
-        sde: the SDE the caller wants; must be the schedule's continuous limit ``schedule.vp_sde()``
-            (any other SDE is a :class:`DiffusersModelError` naming both). Default: that VP SDE.
+        schedule: the training schedule; default from the pipeline's ``scheduler/scheduler_config.json``
+            when present (:meth:`DiffusersSchedule.from_scheduler_config`: any beta_schedule, trained
+            betas, epsilon / v / sample prediction), else DDPM's linear 1e-4 … 0.02 over 1000 steps with
+            epsilon prediction. A :class:`DDPMSchedule` stands for its table with epsilon prediction.
+        sde: the SDE the caller wants; must be the schedule's ``TabulatedVPSDE`` (any other SDE is a
+            :class:`DiffusersModelError` naming both). Default: that SDE.
         dtype, device: where the network runs.
 
-    Returns a :class:`fpe_lab.model.ScoreModel` in eval mode (``.sde`` the VP SDE; ``.net`` a
-    :class:`DiffusersEpsNet` with ``image_shape`` (C, H, W)); score_fn(x: (b, C, H, W), t: (b,)).
-    Raises :class:`MissingDiffusersError` without diffusers, :class:`DiffusersModelError` for an
-    unusable folder or an SDE the DDPM mapping does not give.
+    Returns a :class:`fpe_lab.model.ScoreModel` in eval mode (``.sde`` the :class:`~fpe_lab.sde.TabulatedVPSDE`;
+    ``.net`` a :class:`DiffusersEpsNet` with ``image_shape`` (C, H, W) and ``schedule``);
+    score_fn(x: (b, C, H, W), t: (b,)). Raises :class:`MissingDiffusersError` without diffusers,
+    :class:`DiffusersModelError` for an unusable folder, schedule or SDE.
     """
     unet_cls, attention_cls, attn_processor_cls = _require_diffusers()
     folder, sched_path = find_unet_dir(path)
     if schedule is None:
-        schedule = (DDPMSchedule.from_scheduler_config(_read_json(sched_path), str(sched_path))
-                    if sched_path is not None else DDPMSchedule())
-    vp = schedule.vp_sde()
-    if sde is not None and not _same_vp(sde, vp):
+        schedule = (DiffusersSchedule.from_scheduler_config(_read_json(sched_path), str(sched_path))
+                    if sched_path is not None else DDPMSchedule().diffusers_schedule())
+    elif isinstance(schedule, DDPMSchedule):
+        schedule = schedule.diffusers_schedule()
+    elif not isinstance(schedule, DiffusersSchedule):
         raise DiffusersModelError(
-            f"the DDPM checkpoint {folder} maps onto {vp!r} (its continuous limit, {schedule}); got sde={sde!r}"
+            f"schedule must be a DiffusersSchedule or DDPMSchedule; got {type(schedule).__name__}")
+    vp = schedule.sde()
+    if sde is not None and sde != vp:
+        raise DiffusersModelError(
+            f"the diffusers model {folder} maps onto {vp!r} (its {schedule!r}); got sde={sde!r}"
         )
     cfg = _read_json(folder / CONFIG_NAME)
     _check_config(cfg, folder / CONFIG_NAME)
@@ -419,6 +511,6 @@ def load_diffusers_score(
                                           getattr(tp, "scale", 1.0))
     model = ScoreModel(DiffusersEpsNet(unet, schedule), vp).to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
-    log.info("loaded diffusers UNet2DModel %s (%d parameters) as the score of %s", folder,
-             sum(p.numel() for p in unet.parameters()), vp)
+    log.info("loaded diffusers UNet2DModel %s (%d parameters, %s prediction) as the score of %r", folder,
+             sum(p.numel() for p in unet.parameters()), schedule.prediction_type, vp)
     return model

@@ -164,3 +164,31 @@ def test_audit_json_round_trips_through_from_dict(unet_dir, tmp_path):
                  "--out", out) == 0
     record = json.loads((out / "audit.json").read_text())
     assert AuditReport.from_dict(record["report"]).to_dict() == record["report"]
+
+
+def test_cli_audit_of_a_cosine_v_prediction_pipeline(unet_dir, tmp_path):
+    """A pipeline folder with a squaredcos_cap_v2 scheduler and v-prediction (refused before) is audited under
+    its tabulated VP SDE."""
+    pipe = tmp_path / "pipe"
+    (pipe / "unet").mkdir(parents=True)
+    (pipe / "scheduler").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (pipe / "unet" / name).write_bytes((unet_dir / name).read_bytes())
+    (pipe / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}))
+    out = tmp_path / "audit"
+    assert _main("audit", pipe, "--data", "digits", "--points", "2", "--times", "0.1", "0.6", "--probes", "1",
+                 "--device", "cpu", "--out", out) == 0
+    report, record = read_audit(out / "audit.json")
+    assert report.sde.startswith("tabulated VP SDE (squaredcos_cap_v2, N = 1000)")
+    assert "v_prediction prediction" in record["model_description"]
+    assert all(math.isfinite(v) for v in report.residual + report.dsm)
+
+
+def test_cli_audit_refuses_abbreviated_flags(unet_dir, tmp_path, capsys):
+    """--overwr is not --overwrite: exit 2, one error line, nothing written."""
+    out = tmp_path / "out"
+    assert _main("audit", unet_dir, "--data", "digits", "--points", "2", "--times", "0.5", "--out", out,
+                 "--overwr") == 2
+    assert "--overwr" in _error_line(capsys)
+    assert not out.exists()
