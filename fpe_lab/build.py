@@ -17,7 +17,7 @@ import torch
 from fpe_lab import data as data_sets
 from fpe_lab import regularizers
 from fpe_lab.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from fpe_lab.config import DeviceChoice, RunConfig, SDEConfig, SDEKind
+from fpe_lab.config import DeviceChoice, InitState, RunConfig, SDEConfig, SDEKind
 from fpe_lab.losses import ScoreFPELoss
 from fpe_lab.model import ScoreModel
 from fpe_lab.sde import LinearSDE, SubVPSDE, VESDE, VPSDE
@@ -104,12 +104,14 @@ def build_loss(config: RunConfig, sde: LinearSDE) -> ScoreFPELoss:
                         time_sampling=config.loss.time_sampling)
 
 
-def init_weights(model: ScoreModel, config: RunConfig) -> None:
-    """Load the weights named by ``optim.init_from`` (a run folder or a checkpoint file; ``optim.init_weights``
-    picks EMA or raw) into ``model``; ValueError naming what does not fit."""
+def init_weights(model: ScoreModel, config: RunConfig) -> dict[str, Any] | None:
+    """Start ``model`` from ``optim.init_from`` (a run folder or a checkpoint file); ValueError naming what
+    does not fit. ``optim.init_state`` continue: the source's raw weights go into ``model`` and its EMA,
+    optimizer state and step are returned (for :class:`fpe_lab.train.TrainOptions` ``initial``); fresh: the
+    weights ``optim.init_weights`` names go into ``model`` and None is returned."""
     text = config.optim.init_from
     if text is None:
-        return
+        return None
     path = Path(text)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -117,7 +119,8 @@ def init_weights(model: ScoreModel, config: RunConfig) -> None:
         raise ValueError(f"--init-from {text}: no checkpoint there (expected a run folder with {CHECKPOINT_NAME} "
                          "or a file)")
     state = load_checkpoint(path)
-    key = config.optim.init_weights.value
+    continuing = config.optim.init_state is InitState.CONTINUE
+    key = "model" if continuing else config.optim.init_weights.value
     sd = state.get(key) if isinstance(state, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"--init-from {path}: no {key!r} state dict in the checkpoint")
@@ -132,7 +135,14 @@ def init_weights(model: ScoreModel, config: RunConfig) -> None:
         raise ValueError(f"--init-from {path} holds another architecture or data dimension: "
                          f"{', '.join(p for p in parts if p)}")
     model.load_state_dict(sd)
-    log.info("initialised from the %s weights of %s", key, path)
+    if not continuing:
+        log.info("initialised from the %s weights of %s (fresh optimizer and EMA)", key, path)
+        return None
+    if not all(k in state for k in ("ema", "optimizer", "step")):
+        raise ValueError(f"--init-from {path}: the checkpoint holds no EMA, optimizer state or step to continue "
+                         "(use --init-state fresh to take its weights only)")
+    log.info("continuing %s from its step %d (weights, EMA and optimizer state)", path, int(state["step"]))
+    return {"ema": state["ema"], "optimizer": state["optimizer"], "step": int(state["step"])}
 
 
 def resolve_device(choice: DeviceChoice) -> torch.device:

@@ -31,6 +31,7 @@ import math
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fpe_lab import regularizers
@@ -41,6 +42,7 @@ from fpe_lab.losses import DSMWeighting
 from fpe_lab.metrics.evaluate import DEFAULT_TIMES
 from fpe_lab.nets.unet import UNetSize
 from fpe_lab.regularizers.fpe import FPEOptions, ResidualPath
+from fpe_lab.sampling import ODEMethod
 from fpe_lab.settings import Section, convert, plain, section, setting
 from fpe_lab.time_sampling import TimeSampling
 
@@ -49,6 +51,7 @@ __all__ = [
     "SDEKind",
     "DivergenceKind",
     "Weights",
+    "InitState",
     "DeviceChoice",
     "DataConfig",
     "SDEConfig",
@@ -138,6 +141,13 @@ class Weights(enum.Enum):
 
     EMA = "ema"
     MODEL = "model"
+
+
+class InitState(enum.Enum):
+    """What ``--init-from`` carries over from the source run besides its weights."""
+
+    CONTINUE = "continue"  # the model's raw weights, the EMA and Adam's state: fine-tuning continues training
+    FRESH = "fresh"  # only the weights named by init_weights; a fresh optimizer and EMA (configuration 0.2)
 
 
 class DeviceChoice(enum.Enum):
@@ -370,13 +380,17 @@ class OptimConfig(Section):
     grad_clip: float | None = setting(None, "clip the global gradient norm (none: no clipping)")
     ckpt_every: int = setting(500, "checkpoint (and numbered snapshot) every N steps", in_hash=False)
     keep: int = setting(3, "numbered snapshots kept beside the latest checkpoint", in_hash=False)
-    init_from: str | None = setting(None, "start from the weights of this run folder or checkpoint (fresh optimizer)")
-    init_weights: Weights = setting(Weights.EMA, "which weights --init-from reads: ema or model")
+    init_from: str | None = setting(None, "start from this run folder or checkpoint (see --init-state)")
+    init_state: InitState = setting(InitState.CONTINUE, "with --init-from: continue its model, EMA and optimizer "
+                                    "state at this run's lr (continue), or only its weights with a fresh optimizer "
+                                    "and EMA (fresh)")
+    init_weights: Weights = setting(Weights.EMA, "with --init-state fresh: which weights --init-from reads, ema or "
+                                    "model")
     bf16: bool = setting(False, "bf16 autocast for the DSM network pass (CUDA only)")
 
     def __post_init__(self) -> None:
         self._check_enums()
-        _check_int("steps", self.steps, 1)
+        _check_int("steps", self.steps, 1, 10**9)
         _check_int("batch", self.batch, 1)
         _check_float("lr", self.lr, 0.0, 10.0, lo_open=True)
         _check_float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
@@ -385,15 +399,50 @@ class OptimConfig(Section):
         _check_int("ckpt_every", self.ckpt_every, 1)
         _check_int("keep", self.keep, 0)
 
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "") -> OptimConfig:
+        """Inverse of ``to_dict``; a 0.2 configuration with ``init_from`` and no ``init_state`` meant fresh."""
+        if isinstance(d, dict) and d.get("init_from") is not None and "init_state" not in d:
+            d = {**d, "init_state": InitState.FRESH.value}
+        return typing.cast(OptimConfig, super().from_dict(d, path))
+
+
+class EvalScale(enum.Enum):
+    """How the settings an image preset leaves open (none) are filled in at evaluation time."""
+
+    DEVICE = "device"  # sized to the device: a few points and times on a CPU (minutes), more on a GPU
+    PAPER = "paper"  # the Score SDE protocol: RK45 at rtol 1e-5, the test set repeated 5 times
+
+
+# What the image presets' open evaluation settings become (EvalConfig.resolve); the measured costs behind
+# the CPU row are in benchmarks/RESULTS.md ("image evaluation").
+_IMAGE_EVAL: dict[str, dict[str, Any]] = {
+    "cpu": {"times": (0.05, 0.5, 1.0), "points": 8, "nll_points": 8, "rtol": 1e-4, "repeats": 1, "ode": "dopri5"},
+    "cuda": {"times": DEFAULT_TIMES, "points": 64, "nll_points": 256, "rtol": 1e-5, "repeats": 1, "ode": "dopri5"},
+    "paper": {"times": DEFAULT_TIMES, "points": 256, "nll_points": 10000, "rtol": 1e-5, "repeats": 5, "ode": "rk45"},
+}
+
 
 @dataclass(frozen=True)
 class EvalConfig(Section):
-    times: tuple[float, ...] = setting(DEFAULT_TIMES, "evaluation times of the per-t metrics", flag="eval-times")
-    points: int = setting(1000, "points x_t per evaluation time", flag="eval-points")
-    nll_points: int = setting(300, "held-out points for the PF-ODE NLL / bits/dim (0: skip)", flag="eval-nll-points")
+    """Evaluation settings. Image presets leave ``times``, ``points``, ``nll_points``, ``rtol``, ``repeats`` and
+    ``ode`` open (none): :meth:`resolve` fills them for the device, or at paper scale (``--eval-scale paper``)."""
+
+    times: tuple[float, ...] | None = setting(DEFAULT_TIMES, "evaluation times of the per-t metrics (none: by "
+                                              "--eval-scale)", flag="eval-times")
+    points: int | None = setting(1000, "points x_t per evaluation time (none: by --eval-scale)", flag="eval-points")
+    nll_points: int | None = setting(300, "held-out points for the PF-ODE NLL / bits/dim (0: skip; none: by "
+                                     "--eval-scale)", flag="eval-nll-points")
     samples: int = setting(1000, "samples for sample distances, 2-D only (0: skip)", flag="eval-samples")
-    rtol: float = setting(1e-5, "rtol = atol of the PF-ODE NLL solve", flag="eval-rtol")
-    repeats: int = setting(1, "repeats of the NLL points (dequantization and probes redrawn)", flag="eval-repeats")
+    rtol: float | None = setting(1e-5, "rtol = atol of the PF-ODE NLL solve (none: by --eval-scale)",
+                                 flag="eval-rtol")
+    repeats: int | None = setting(1, "repeats of the NLL points, dequantization and probes redrawn (none: by "
+                                  "--eval-scale)", flag="eval-repeats")
+    ode: ODEMethod | None = setting(ODEMethod.RK45, "the PF-ODE NLL solver: rk45 (scipy, float64 on the host) or "
+                                    "dopri5 (torch, on the device, error per point); none: by --eval-scale",
+                                    flag="eval-ode")
+    scale: EvalScale = setting(EvalScale.DEVICE, "what open (none) settings become: device (minutes on a CPU) or "
+                               "paper (RK45 1e-5, 10000 test points x 5)", flag="eval-scale")
     batch: int = setting(256, "points per chunk of the image evaluation", flag="eval-batch")
     probes: int = setting(2, "Hutchinson probes per point where D is large", flag="eval-probes")
     seed: int | None = setting(None, "seed of the evaluation's draws (none: derived from the run's seed)",
@@ -403,22 +452,35 @@ class EvalConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_enums()
-        if not self.times or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
-                                     and 0 < t <= 1 for t in self.times):
+        if self.times is not None and (not self.times or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 1
+                for t in self.times)):
             raise ValueError(f"eval times must be a nonempty list of numbers in (0, 1]; got {list(self.times)!r}")
-        _check_int("eval_points", self.points, 2)
-        _check_int("eval_nll_points", self.nll_points, 0)
+        if self.times is not None and list(self.times) != sorted(set(self.times)):
+            raise ValueError(f"eval times must be increasing, without repeats; got {list(self.times)!r}")
+        if self.points is not None:
+            _check_int("eval_points", self.points, 2)
+        if self.nll_points is not None:
+            _check_int("eval_nll_points", self.nll_points, 0)
         _check_int("eval_samples", self.samples, 0)
         if self.samples == 1:
             raise ValueError("eval_samples must be 0 (skip) or >= 2; got 1")
-        _check_float("eval_rtol", self.rtol, 0.0, 1.0, lo_open=True)
-        _check_int("eval_repeats", self.repeats, 1, 100)
+        if self.rtol is not None:
+            _check_float("eval_rtol", self.rtol, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.repeats is not None:
+            _check_int("eval_repeats", self.repeats, 1, 100)
         _check_int("eval_batch", self.batch, 1)
         _check_int("eval_probes", self.probes, 2, 1024)
         if self.seed is not None:
-            _check_int("eval_seed", self.seed, 0)
+            _check_int("eval_seed", self.seed, 0, 2**62)
         if self.gap_grid != 0:
             _check_int("eval_gap_grid", self.gap_grid, 16, 512)
+
+    def resolve(self, device_type: str) -> EvalConfig:
+        """The settings with every open (none) one filled: by ``scale`` and the device ("cpu" or "cuda")."""
+        fill = _IMAGE_EVAL["paper" if self.scale is EvalScale.PAPER else ("cpu" if device_type == "cpu" else "cuda")]
+        changes = {k: (ODEMethod(v) if k == "ode" else v) for k, v in fill.items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 @dataclass(frozen=True)
@@ -454,7 +516,7 @@ class RunConfig(Section):
         if self.eval.gap_grid and self.dim != 2:
             raise ValueError(f"eval_gap_grid needs 2-D data (the grids are 2-D); data {self.data.name.value} has "
                              f"D = {self.dim}")
-        if max(self.eval.times) < self.loss.eps or min(self.eval.times) < self.loss.eps:
+        if self.eval.times is not None and min(self.eval.times) < self.loss.eps:
             raise ValueError(f"eval times must lie in [eps, 1] = [{self.loss.eps:g}, 1]; got {list(self.eval.times)}")
 
     @classmethod
@@ -549,6 +611,14 @@ def _hashed(config: RunConfig) -> dict[str, Any]:
         data["data_dir"] = None  # only cifar10 reads files
     if not config.data.is_image:
         model["unet"], model["dropout"] = UNetSize.TINY.value, None  # the MLP
+    optim = out["optim"]
+    if config.optim.init_from is None or config.optim.init_state is InitState.FRESH:
+        del optim["init_state"]  # 0.2 runs (fresh) keep their fingerprints
+    if config.optim.init_from is not None and config.optim.init_state is InitState.CONTINUE:
+        # the source by identity (its folder name holds its label and fingerprint), not by path spelling
+        src = Path(config.optim.init_from)
+        optim["init_from"] = src.name if src.suffix != ".pt" else f"{src.parent.name}/{src.name}"
+        optim["init_weights"] = Weights.EMA.value  # read only by --init-state fresh
     if config.sde.kind is SDEKind.VE:
         sde["beta_min"], sde["beta_max"] = 0.1, 20.0
     else:
@@ -611,7 +681,8 @@ def _image_preset(data: DataConfig, **changes: Any) -> RunConfig:
         loss=LossConfig(eps=1e-5, reg=RegConfig(per_dim=True, divergence=DivergenceKind.HUTCHINSON,
                                                 options=FPEOptions(residual_path=ResidualPath.GENERIC))),
         optim=OptimConfig(steps=1000, batch=64, lr=2e-4, ema_decay=0.9999, grad_clip=1.0),
-        eval=EvalConfig(points=64, nll_points=256, samples=0, batch=64),
+        eval=EvalConfig(times=None, points=None, nll_points=None, rtol=None, repeats=None, ode=None, samples=0,
+                        batch=64),
     )
     return dataclasses.replace(base, **changes)
 

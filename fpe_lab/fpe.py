@@ -448,6 +448,8 @@ class Estimate:
         if a.shape != b.shape:
             raise ValueError(f"a ratio needs paired samples; got {tuple(a.shape)} and {tuple(b.shape)}")
         mb = float(b.mean())
+        if mb == 0 and not bool(a.any()):
+            return 0.0, 0.0  # 0/0: a field whose terms all vanish (e.g. a zero Jacobian, which is symmetric)
         if not mb > 0:
             raise ValueError(f"the denominator mean must be positive for a ratio; got {mb!r} (a constant score?)")
         r = float(a.mean()) / mb

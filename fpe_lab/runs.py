@@ -67,7 +67,7 @@ from fpe_lab.checkpoint import (
     weights_sha256,
     write_config,
 )
-from fpe_lab.config import RunConfig, Weights, _hashed
+from fpe_lab.config import InitState, RunConfig, Weights, _hashed
 from fpe_lab.losses import LossTerms
 from fpe_lab.metrics.evaluate import EvalReport
 from fpe_lab.metrics.evaluate import evaluate as evaluate_score
@@ -164,7 +164,7 @@ def check_limits(config: RunConfig) -> None:
     if steps > MAX_STEPS:
         raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}]; got {steps}")
     rtol = config.eval.rtol
-    if not rtol < 1:
+    if rtol is not None and not rtol < 1:
         raise ValueError(f"eval_rtol must be a finite number in (0, 1); got {rtol!r}")
     seed = config.eval.seed
     if seed is not None and seed > MAX_EVAL_SEED:
@@ -338,9 +338,9 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         data = build.build_data(config)
         model = build.build_model(config, sde)
         loss = build.build_loss(config, sde)
-        init_record = None
+        init_record, initial = None, None
         if not resuming:
-            build.init_weights(model, config)
+            initial = build.init_weights(model, config)
             init_record = _init_from_record(config)
         distributed.barrier(env)
         if env.is_main:
@@ -365,7 +365,7 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
                                seed=distributed.rank_seed(config.seed, env), ckpt_every=config.optim.ckpt_every,
                                keep=config.optim.keep, grad_clip=config.optim.grad_clip,
                                progress=progress and env.is_main, fingerprint=config.fingerprint(),
-                               init_from=init_record)
+                               init_from=init_record, initial=initial)
         log.info("run folder %s (%d process(es), device %s)\n%s", folder, env.world_size, device, sde)
         step_log = _StepLog(folder / LOG_NAME, load_checkpoint(folder / CHECKPOINT_NAME)["step"] if resuming else 0) \
             if env.is_main else None
@@ -397,10 +397,10 @@ def _init_from_record(config: RunConfig) -> dict[str, Any] | None:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     state = load_checkpoint(path)  # build.init_weights has read it already: it exists and holds the weights
-    key = config.optim.init_weights.value
+    key = "model" if config.optim.init_state is InitState.CONTINUE else config.optim.init_weights.value
     step = state.get("step")
     return {"path": str(path), "fingerprint": state.get("fingerprint"), "step": int(step) if step is not None else None,
-            "weights": key, "sha256": weights_sha256(state[key])}
+            "weights": key, "sha256": weights_sha256(state[key]), "state": config.optim.init_state.value}
 
 
 def _bf16(loss_fn):
@@ -450,12 +450,15 @@ def _evaluate(run: Run, progress: bool, device: torch.device, allow_partial: boo
         else:  # points: float64 on the CPU, against the exact truth
             device, dtype = torch.device("cpu"), torch.float64
         model = run.model(dtype=dtype, device=device)
-        e = config.eval
+        e = config.eval.resolve(device.type)
+        assert e.times is not None and e.points is not None and e.nll_points is not None and e.rtol is not None
+        assert e.repeats is not None and e.ode is not None
         report = evaluate_score(
             model, sde, data, truth, times=e.times, n_points=e.points, eps=config.loss.eps,
             generator=torch.Generator().manual_seed(config.eval_seed), n_nll=e.nll_points, nll_rtol=e.rtol,
             nll_repeats=e.repeats, dequantization=dequantization, n_samples=e.samples, probes=e.probes,
-            batch_size=e.batch, dtype=dtype, device=device, step=done, progress=progress, gap_grid=e.gap_grid)
+            batch_size=e.batch, dtype=dtype, device=device, step=done, progress=progress, gap_grid=e.gap_grid,
+            ode_method=e.ode)
         report = dataclasses.replace(report, settings={**report.settings, "eval": e.to_dict(),
                                                        "eval_seed": config.eval_seed, "device": str(device)})
         atomic_write_text(run.path / METRICS_NAME, json.dumps(report.to_dict(), indent=2) + "\n")

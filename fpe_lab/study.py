@@ -37,22 +37,22 @@ import signal
 import threading
 import time
 import typing
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from scipy import stats
-from fpe_lab.progress import progress_bar as tqdm
 
-from fpe_lab import runs
+from fpe_lab import regularizers, runs
 from fpe_lab.checkpoint import atomic_write_text
-from fpe_lab import regularizers
 from fpe_lab.config import Leaf, RunConfig, leaves
-from fpe_lab.settings import strip_optional
 from fpe_lab.interrupts import Interrupted
 from fpe_lab.metrics.evaluate import EvalReport
+from fpe_lab.progress import progress_bar as tqdm
+from fpe_lab.settings import strip_optional
 from fpe_lab.train import TrainingInterrupted
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
@@ -192,13 +192,18 @@ class StudyPlan:
             with any lam), keeping the first name. The first arm is the control of the paired summary.
         seeds: seeds, each >= 0, no repeats.
         pretrain_steps: None, or the steps of a plain-DSM pre-training run per seed from which every arm
-            fine-tunes (its EMA weights, a fresh optimizer).
+            fine-tunes for ``base.optim.steps`` steps. By default (``optim.init_state`` continue) fine-tuning
+            continues the pre-training run's weights, EMA and Adam state, so the control arm (plain DSM) is
+            "the same number of further DSM steps"; the summary shows the pre-trained model as a row.
+        finetune_lr: with ``pretrain_steps``, the learning rate of the fine-tuning arms (an arm that sets
+            ``lr`` itself keeps its own); None: the base's, as in pre-training.
     """
 
     base: RunConfig
     arms: tuple[Arm, ...]
     seeds: tuple[int, ...]
     pretrain_steps: int | None = None
+    finetune_lr: float | None = None
 
     def __post_init__(self) -> None:
         if not self.arms:
@@ -216,6 +221,12 @@ class StudyPlan:
                 leaf = by_path.get(tuple(path))
                 if leaf is not None:
                     _check_arm_field(leaf)
+        if self.finetune_lr is not None:
+            if self.pretrain_steps is None:
+                raise ValueError("--finetune-lr needs --pretrain-steps (it is the learning rate of the fine-tuning)")
+            if isinstance(self.finetune_lr, bool) or not isinstance(self.finetune_lr, (int, float)) \
+                    or not 0 < self.finetune_lr <= 10:
+                raise ValueError(f"--finetune-lr must be a number in (0, 10]; got {self.finetune_lr!r}")
         init_from = ("optim", "init_from")
         if self.pretrain_steps is not None and (self.base.optim.init_from is not None
                                                 or any(tuple(p) == init_from for a in self.arms for p, _ in a.changes)):
@@ -238,7 +249,8 @@ class StudyPlan:
         return base
 
     def config(self, arm: Arm, seed: int, out: Path) -> RunConfig:
-        c = arm.apply(self.base).override({("seed",): seed})
+        base = self.base if self.finetune_lr is None else self.base.override({("optim", "lr"): self.finetune_lr})
+        c = arm.apply(base).override({("seed",): seed})
         if self.pretrain_steps is not None:
             c = c.override({("optim", "init_from"): str(runs.run_dir(self.pretrain_config(seed), out / "pretrain"))})
         return c
@@ -247,7 +259,8 @@ class StudyPlan:
     def from_dict(cls, d: dict[str, Any]) -> StudyPlan:
         """Inverse of :meth:`to_dict` (e.g. of a study folder's ``study.json``)."""
         arms = tuple(Arm(a["name"], tuple((tuple(p), v) for p, v in a["changes"])) for a in d["arms"])
-        return cls(RunConfig.from_dict(d["base"]), arms, tuple(d["seeds"]), d.get("pretrain_steps"))
+        return cls(RunConfig.from_dict(d["base"]), arms, tuple(d["seeds"]), d.get("pretrain_steps"),
+                   d.get("finetune_lr"))
 
     @classmethod
     def load(cls, out: str | Path) -> StudyPlan:
@@ -259,12 +272,19 @@ class StudyPlan:
             raise ValueError(f"{path} is not a study plan: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
-                "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
-                                                       for p, v in a.changes]} for a in self.arms]}
+        d = {"base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
+             "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
+                                                    for p, v in a.changes]} for a in self.arms]}
+        if self.finetune_lr is not None:  # absent otherwise: plans saved before it existed still match
+            d["finetune_lr"] = self.finetune_lr
+        return d
 
 
 # ---------------------------------------------------------------------- running
+PRETRAINED = "pretrained"
+"""The summary row of the pre-training runs (with --pretrain-steps): the model every arm starts from."""
+
+
 class WorkerFailure(RuntimeError):
     """A study worker process ended without reporting its run (killed from outside, out of memory)."""
 
@@ -477,10 +497,13 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
     ValueError naming the run folder that is unfinished or whose metrics.json cannot be read."""
     out = Path(out)
     values: dict[str, dict[int, dict[str, float]]] = {}
-    for arm in plan.arms:
+    folders = {arm.name: [runs.run_dir(plan.config(arm, seed, out), out) for seed in plan.seeds] for arm in plan.arms}
+    if plan.pretrain_steps is not None:  # the pre-trained model itself, against which the control must not lose
+        folders = {PRETRAINED: [runs.run_dir(plan.pretrain_config(s), out / "pretrain") for s in plan.seeds],
+                   **folders}
+    for name_, arm_folders in folders.items():
         per_seed: dict[int, dict[str, float]] = {}
-        for seed in plan.seeds:
-            folder = runs.run_dir(plan.config(arm, seed, out), out)
+        for seed, folder in zip(plan.seeds, arm_folders, strict=True):
             run = runs.load(folder)
             report = run.report
             if report is None or not run.is_finished:
@@ -489,21 +512,21 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
             row = {name: get(report) for name, get in SUMMARY_METRICS}
             row["step_time_s"] = _step_time(folder)
             per_seed[seed] = {k: v for k, v in row.items() if v is not None}
-        values[arm.name] = per_seed
+        values[name_] = per_seed
     control = plan.arms[0].name
     names = [n for n, _ in SUMMARY_METRICS] + ["step_time_s"]
     rows = []
-    for arm in plan.arms:
-        row: dict[str, Any] = {"arm": arm.name, "n_seeds": len(plan.seeds)}
+    for arm_name in folders:
+        row: dict[str, Any] = {"arm": arm_name, "n_seeds": len(plan.seeds)}
         for name in names:
-            vals = [values[arm.name][s][name] for s in plan.seeds if name in values[arm.name][s]]
+            vals = [values[arm_name][s][name] for s in plan.seeds if name in values[arm_name][s]]
             if not vals:
                 continue
             row[f"{name}_mean"] = sum(vals) / len(vals)
-            if arm.name == control or name == "step_time_s":
+            if arm_name == control or name == "step_time_s":
                 continue
-            diffs = [values[arm.name][s][name] - values[control][s][name] for s in plan.seeds
-                     if name in values[arm.name][s] and name in values[control][s]]
+            diffs = [values[arm_name][s][name] - values[control][s][name] for s in plan.seeds
+                     if name in values[arm_name][s] and name in values[control][s]]
             (row[f"{name}_diff"], row[f"{name}_lo"], row[f"{name}_hi"],
              row[f"{name}_sig"]) = paired_difference(diffs)
         rows.append(row)

@@ -31,16 +31,16 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.checkpoint import CHECKPOINT_NAME, SNAPSHOT_DIR, load_checkpoint, save_checkpoint, save_snapshot
 from fpe_lab.losses import LossTerms
+from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["TrainOptions", "TrainResult", "NonFiniteLossError", "TrainingInterrupted", "StepRecord", "BatchSampler",
            "LossFn", "train", "ema_update", "ema_decay_at", "MAX_STEPS"]
@@ -100,6 +100,9 @@ class TrainOptions:
             fingerprint (or none) is refused.
         init_from: a record of the weights the run started from (source fingerprint, step, checksum), stored
             in every checkpoint under ``init_from`` (None: not stored).
+        initial: {"ema", "optimizer", "step"} of a run this one continues (``--init-state continue``): its EMA
+            and Adam state are loaded (at this run's ``lr``), and the EMA warm-up counts on from its step, so
+            fine-tuning continues training rather than restarting it (None: fresh EMA and optimizer).
     """
 
     steps: int
@@ -112,6 +115,7 @@ class TrainOptions:
     progress: bool = True
     fingerprint: str = ""
     init_from: dict | None = None
+    initial: dict | None = None
 
     def __post_init__(self) -> None:
         for name, v in (("steps", self.steps), ("ckpt_every", self.ckpt_every)):
@@ -284,6 +288,17 @@ def _train(model, loss_fn, sample_batch, options: TrainOptions, *, device: torch
     resumed_from = None
 
     rng_only = main_dir is not None and Path(main_dir).resolve() != Path(run_dir or main_dir).resolve()
+    ema_offset = 0  # steps the EMA warm-up has already counted (a continued run's source steps)
+    if options.initial is not None and not resume:
+        try:
+            ema.load_state_dict(options.initial["ema"])
+            optimizer.load_state_dict(options.initial["optimizer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"the run to continue does not fit this model: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}") from None
+        for group in optimizer.param_groups:
+            group["lr"] = options.lr
+        ema_offset = int(options.initial["step"])
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT_NAME} in {run_dir}")
@@ -305,6 +320,7 @@ def _train(model, loss_fn, sample_batch, options: TrainOptions, *, device: torch
             optimizer.load_state_dict(state["optimizer"])
             _set_rng_state(gens, state["rng"], device)
             step = int(state["step"])
+            ema_offset = int(state.get("ema_offset", 0))
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"checkpoint {ckpt_path} does not fit this model: {type(e).__name__}: "
                              f"{str(e).splitlines()[0]}") from None
@@ -328,6 +344,7 @@ def _train(model, loss_fn, sample_batch, options: TrainOptions, *, device: torch
             "step": step,
             "rng": _rng_state(gens, device),
             "history": history.upto(step),
+            "ema_offset": ema_offset,
             "fingerprint": options.fingerprint,
         }
         if options.init_from is not None:
@@ -366,7 +383,7 @@ def _train(model, loss_fn, sample_batch, options: TrainOptions, *, device: torch
                         f"training stopped, {last_good()}; try a smaller learning rate or lam"
                     )
                 optimizer.step()
-                ema_update(ema, model, ema_decay_at(step, options.ema_decay))
+                ema_update(ema, model, ema_decay_at(ema_offset + step, options.ema_decay))
                 vals = terms.floats()
                 history.set(step, torch.tensor([vals["total"], vals["dsm"], vals["reg"]], dtype=torch.float64))
                 step += 1

@@ -16,16 +16,24 @@ import argparse
 import logging
 from pathlib import Path
 
+from fpe_lab import runs
 from fpe_lab.build import resolve_device
 from fpe_lab.checkpoint import ConfigMismatchError
 from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
 from fpe_lab.config import toy2d
 from fpe_lab.interrupts import Interrupted
-from fpe_lab.study import (StudyPlan, WorkerFailure, parse_arm, parse_grid, run_study, submitit_submit, summarize,
-                           write_summary)
+from fpe_lab.study import (
+    StudyPlan,
+    WorkerFailure,
+    parse_arm,
+    parse_grid,
+    run_study,
+    submitit_submit,
+    summarize,
+    write_summary,
+)
 from fpe_lab.train import MAX_STEPS, TrainingInterrupted
-from fpe_lab import runs
 
 __all__ = ["add_parser"]
 
@@ -45,6 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--first-seed", type=int, default=0, help="first seed (default: 0)")
     p.add_argument("--pretrain-steps", type=int, default=None,
                    help="a plain-DSM pre-training run of this many steps per seed, from which every arm fine-tunes")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="with --pretrain-steps: the fine-tuning arms' learning rate (default: the preset's lr)")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1)")
     p.add_argument("--slurm-partition", default=None, help="submit each run to this SLURM partition via submitit")
     p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: runs/study)")
@@ -67,7 +77,7 @@ def plan_from_args(args: argparse.Namespace) -> StudyPlan:
     try:
         arms = (parse_grid(args.grid) if args.grid or not args.arm else []) + [parse_arm(a) for a in args.arm]
         return StudyPlan(base=base, arms=tuple(arms), seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
-                         pretrain_steps=args.pretrain_steps)
+                         pretrain_steps=args.pretrain_steps, finetune_lr=args.finetune_lr)
     except ValueError as e:
         raise CLIError(str(e)) from None
 

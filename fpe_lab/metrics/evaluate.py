@@ -331,7 +331,7 @@ def evaluate(
     if n_nll:
         bar.set_postfix_str("PF-ODE NLL")
         nll = _likelihood(score_fn, sde, draw(n_nll), truth, eps, nll_rtol, nll_repeats, dequantization, ode_method,
-                          dtype, generator, batch_size, dim)
+                          dtype, generator, batch_size, dim, progress)
         bar.update()
 
     gap, gap_densities = None, None
@@ -396,14 +396,15 @@ def evaluate(
 
 
 def _likelihood(score_fn, sde, x0, truth, eps, rtol, repeats, dequantization, method, dtype, generator,
-                batch_size, dim) -> Likelihood:
+                batch_size, dim, progress=False) -> Likelihood:
     exact = dim <= EXACT_MAX_DIM
     runs, bpd, per_repeat, nfe, div_name = [], [], [], 0, "exact"
     for _ in range(repeats):
         gen = torch.Generator(device=x0.device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
         divergence = None if exact else Hutchinson(1, Probe.RADEMACHER, generator=gen)
         res = pf_ode_nll(score_fn, sde, x0.to(dtype), eps=eps, method=method, rtol=rtol, atol=rtol,
-                         divergence=divergence, dequantization=dequantization, generator=gen, batch_size=batch_size)
+                         divergence=divergence, dequantization=dequantization, generator=gen, batch_size=batch_size,
+                         progress=progress)
         nats = res.nats.to(torch.float64).cpu()
         runs.append(nats)
         bpd.append(res.bits_per_dim.to(torch.float64).cpu())
