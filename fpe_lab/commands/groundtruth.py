@@ -38,7 +38,6 @@ from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 
 log = logging.getLogger(__name__)
 
-SDE_CHOICES = ("ve", "vp", "subvp")
 METHOD_CHOICES = ("auto", "convolution", "finite_volume", "separable", "log_density")
 # Half-width of the box in units of sigma(t) beyond the pushed data box: p/max = e^{−8²/2} ≈ 1e-14 there.
 _SIGMA_MARGIN = 8.0
@@ -84,11 +83,19 @@ def add_parser(subparsers) -> None:
         allow_abbrev=False,  # --overwr is not --overwrite: a flag must be spelled out
     )
     p.add_argument("--data", choices=TOY_NAMES, default="checkerboard", help="toy data set (p_0)")
-    p.add_argument("--sde", choices=SDE_CHOICES, default="vp", help="forward SDE with default parameters")
+    from fpe_lab.commands.train import _add_leaf
+    from fpe_lab.config import leaves, toy2d
+
+    for leaf in leaves():  # the forward SDE and its coefficients: the same flags as training
+        if leaf.path[0] == "sde":
+            _add_leaf(p, leaf, leaf.get(toy2d()))
     p.add_argument("--grid", type=_positive_int(*GRID_RANGE), default=256, help="cells per axis")
-    p.add_argument("--times", type=_unit_time, nargs="+", default=[0.01, 0.1, 0.5, 1.0], help="increasing times in [0, 1]")
-    p.add_argument("--method", choices=METHOD_CHOICES, default="auto", help="solver (auto: exact convolution for linear SDEs)")
-    p.add_argument("--n-steps", type=_positive_int(1, 100000), default=200, help="time steps of the finite-volume and log-density solvers")
+    p.add_argument("--times", type=_unit_time, nargs="+", default=[0.01, 0.1, 0.5, 1.0],
+                   help="increasing times in [0, 1]")
+    p.add_argument("--method", choices=METHOD_CHOICES, default="auto",
+                   help="solver (auto: exact convolution for linear SDEs)")
+    p.add_argument("--n-steps", type=_positive_int(1, 100000), default=200,
+                   help="time steps of the finite-volume and log-density solvers")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help=f"output folder receiving {NPZ_NAME} and {PNG_NAME} (default runs/groundtruth_DATA_SDE_GRID)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {NPZ_NAME} / {PNG_NAME} in --out")
@@ -97,17 +104,20 @@ def add_parser(subparsers) -> None:
     one_line_errors(p)
 
 
-def _sde(name: str):
-    from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+def _sde(args: argparse.Namespace):
+    """(the SDE, its --sde name) from the training flags (``--sde``, ``--beta-min``, ...), built by the same
+    builder as a run."""
+    from fpe_lab.build import build_sde
+    from fpe_lab.commands.train import _flag_value
+    from fpe_lab.config import leaves, toy2d
 
-    match name:
-        case "ve":
-            return VESDE()
-        case "vp":
-            return VPSDE()
-        case "subvp":
-            return SubVPSDE()
-    raise CLIError(f"--sde must be one of {', '.join(SDE_CHOICES)}; got {name!r}")
+    changes = {leaf.path: _flag_value(getattr(args, "/".join(leaf.path))) for leaf in leaves()
+               if leaf.path[0] == "sde" and hasattr(args, "/".join(leaf.path))}
+    try:
+        config = toy2d().override(changes).sde
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return build_sde(config), config.kind.value
 
 
 def _method(name: str):
@@ -162,7 +172,8 @@ def figure_png(solution, title: str) -> bytes:
         s = solution.score[j, ::stride, ::stride]
         norm = np.linalg.norm(s, axis=-1, keepdims=True)
         direction = np.divide(s, norm, out=np.zeros_like(s), where=norm > 0)
-        ax.quiver(xs[::stride], ys[::stride], direction[..., 0].T, direction[..., 1].T, color="w", scale=40, width=0.004)
+        ax.quiver(xs[::stride], ys[::stride], direction[..., 0].T, direction[..., 1].T, color="w", scale=40,
+                  width=0.004)
         ax.set_title("log p_t and score direction")
     fig.suptitle(title)
     fig.tight_layout()
@@ -259,12 +270,12 @@ def _run(args: argparse.Namespace) -> int:
     if any(b <= a for a, b in zip(times[:-1], times[1:])):
         raise CLIError(f"--times must be strictly increasing; got {times}")
     data = toy_distribution(args.data)
-    sde = _sde(args.sde)
+    sde, sde_flag = _sde(args)
     method = _method(args.method)
     box = box_for(data.bounds, sde, times)
-    check_grid(data.bounds, box, args.grid, f"--data {args.data} --sde {args.sde} up to t = {times[-1]:g}")
-    check_method(method, sde, times, args.sde)
-    out = args.out if args.out is not None else Path("runs") / f"groundtruth_{args.data}_{args.sde}_{args.grid}"
+    check_grid(data.bounds, box, args.grid, f"--data {args.data} --sde {sde_flag} up to t = {times[-1]:g}")
+    check_method(method, sde, times, sde_flag)
+    out = args.out if args.out is not None else Path("runs") / f"groundtruth_{args.data}_{sde_flag}_{args.grid}"
     check_outputs(out, args.overwrite)
 
     # 2. the solve
@@ -300,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    png = None if args.no_figure else figure_png(sol, f"{args.data}, {args.sde}, {args.grid}², {sol.method.value}")
+    png = None if args.no_figure else figure_png(sol, f"{args.data}, {sde_flag}, {args.grid}², {sol.method.value}")
     check_outputs(out, args.overwrite)  # again: something may have appeared during the solve
     npz_path, png_path = output_paths(out)
     try:
