@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from fpe_lab.train import TrainingInterrupted
-
     from fpe_lab.commands.train import preload_plugins
+    from fpe_lab.train import TrainingInterrupted
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:  # a plug-in's regularizer and its flags must exist before the parser is built

@@ -16,8 +16,9 @@ import enum
 import logging
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fpe_lab import config as cfg
 from fpe_lab import distributed, runs

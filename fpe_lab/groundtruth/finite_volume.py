@@ -43,10 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg.lapack import dgtsv
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.diagnostics import SolverBreakdown
 from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["bernoulli", "ScharfetterGummel", "step_times", "solve_density"]
 

@@ -59,11 +59,11 @@ import numpy as np
 import torch
 from scipy.linalg.lapack import dgtsv
 from scipy.special import logsumexp
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.diagnostics import ResolutionWarning, SolverBreakdown
 from fpe_lab.groundtruth.finite_volume import diffusion_squared, step_times
 from fpe_lab.groundtruth.grid import Grid
+from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["P0_FLOOR", "DAMPED_STEPS", "LogDensityScheme", "initial_log_density", "solve_log_density", "central_gradient"]
 

@@ -32,7 +32,6 @@ import warnings
 
 import numpy as np
 from scipy.special import logsumexp
-from fpe_lab.progress import progress_bar as tqdm
 
 from fpe_lab.groundtruth.convolution import (
     MIN_KERNEL_CELLS,
@@ -52,6 +51,7 @@ from fpe_lab.groundtruth.grid import Grid
 from fpe_lab.groundtruth.log_density import initial_log_density, solve_log_density
 from fpe_lab.groundtruth.propagator import propagate_separable
 from fpe_lab.groundtruth.solution import Solution
+from fpe_lab.progress import progress_bar as tqdm
 
 __all__ = ["Method", "solve_fokker_planck", "fd_score"]
 
