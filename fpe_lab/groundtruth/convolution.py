@@ -144,7 +144,8 @@ def _log_kernel(y: np.ndarray, x: np.ndarray, s: float, h: float) -> np.ndarray:
 def _wide(u: np.ndarray, grid: Grid, ys, s: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """(log q, [log numerator_d]) by midpoint log-sum-exp sums, axis by axis; each of grid.shape. The
     numerator of axis d has the weight x_0,d − lo_d (the wall: ≥ h/2 > 0 at every cell)."""
-    q, nums = u, []
+    q = u
+    nums: list[np.ndarray] = []
     for d, (x, h, (lo, _)) in enumerate(zip(grid.axes, grid.dx, grid.bounds)):
         logk = _log_kernel(ys[d], x, s, h)
         nums = [_log_along(v, d, logk) for v in nums]
@@ -254,7 +255,7 @@ class _Windows:
         i0, w = self.stencil(np.arange(self.nf))
         tables = []
         for pair in inputs:
-            row = []
+            row: list[np.ndarray | None] = []
             for u in pair:
                 if u is None:
                     row.append(None)
@@ -381,7 +382,9 @@ def _narrow_stage(inputs, weighted: int, axis: int, y: np.ndarray, x: np.ndarray
 def _narrow(u_up, u_lo, grid: Grid, ys, s: float):
     """((log q up, lo), [(log numerator_d up, lo)], [offset_d]) for a narrow kernel and a resolved p0,
     axis by axis (:func:`_narrow_stage`)."""
-    q, nums, offsets = (u_up, u_lo), [], []
+    q = (u_up, u_lo)
+    nums: list[tuple[np.ndarray, np.ndarray]] = []
+    offsets: list[np.ndarray] = []
     for d, (x, h, (lo, _)) in enumerate(zip(grid.axes, grid.dx, grid.bounds)):
         out, offset = _narrow_stage([q, *nums], 0, d, ys[d], x, h, lo, s)
         q, nums = out[0], out[1:]
@@ -416,9 +419,8 @@ def convolve_marginal(
                          f"({min(grid.dx):.3g}); see min_resolved_time")
     ys = [x / alpha for x in grid.axes]
     zeros = bool(np.isneginf(log_p0).any())
-    if zeros and zero_log_bound is None:
-        zero_log_bound = _LOG_TINY
-    u_up = np.where(np.isneginf(log_p0), zero_log_bound, log_p0) if zeros else log_p0
+    bound = _LOG_TINY if zero_log_bound is None else zero_log_bound
+    u_up = np.where(np.isneginf(log_p0), bound, log_p0) if zeros else log_p0
     u_lo = log_p0 if zeros else None
     narrow = p0_resolved and s < _BANDLIMIT_BELOW * min(grid.dx)
 
@@ -426,7 +428,7 @@ def convolve_marginal(
     if not narrow:
         q, nums = _wide(u_up, grid, ys, s)
         offsets = [y - lo for y, (lo, _) in zip(ys, grid.bounds)]  # weight x_0 − lo = x_0 − y + (y − lo)
-        if zeros:
+        if u_lo is not None:  # p0 has zeros
             q_lo, nums_lo = _wide(u_lo, grid, ys, s)
             pairs = list(zip([q, *nums], [q_lo, *nums_lo]))
     else:
