@@ -12,6 +12,7 @@ from fpe_lab.gmm import GaussianMixture
 from fpe_lab.groundtruth import Grid, Method, solve_fokker_planck
 from fpe_lab.groundtruth.finite_volume import bernoulli, solve_density
 from fpe_lab.sde import SubVPSDE, VESDE, VPSDE
+
 from .gt_problems import mixture_1d, mixture_2d, on_grid, score_error_bands
 
 FV = Method.FINITE_VOLUME
@@ -92,7 +93,13 @@ def test_fv_matches_exact_mixture_1d(sde):
     assert score_error_bands(sol.score[1], wrong, lp)[1e-3] > 0.1
 
 
-@pytest.mark.parametrize("dim", [1, 2])
+# 2D: h = 0.25 against the narrowest component (widths ~0.4) is coarse on purpose; the bands check the accuracy
+_P0_COARSE = pytest.mark.filterwarnings(
+    "ignore:the grid does not resolve p0:fpe_lab.groundtruth.diagnostics.ResolutionWarning"
+)
+
+
+@pytest.mark.parametrize("dim", [1, pytest.param(2, marks=_P0_COARSE)])
 def test_fv_tail_accuracy_vp(dim):
     """Tail target: score error where p ≥ 1e-10·max within 10× of that where p ≥ 1e-3·max."""
     gm = mixture_1d() if dim == 1 else mixture_2d()
@@ -106,6 +113,8 @@ def test_fv_tail_accuracy_vp(dim):
     assert bands[1e-3] < (2e-3 if dim == 1 else 2e-2), bands  # O(h²): measured 1.2e-4 (h=1/32), 6e-3 (h=1/4)
 
 
+# h = 0.25 against widths ~0.4 .. 1 is coarse on purpose (the bands measure the O(h²) error it gives)
+@pytest.mark.filterwarnings("ignore:the grid does not resolve p0:fpe_lab.groundtruth.diagnostics.ResolutionWarning")
 @pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE()], ids=lambda s: type(s).__name__)
 def test_fv_matches_exact_mixture_2d(sde):
     """VP/sub-VP at 64²; VE at this h is the young-tail case the convolution solver is for."""
@@ -122,6 +131,8 @@ def test_fv_matches_exact_mixture_2d(sde):
     assert score_error_bands(sol.score[1], wrong, lp)[1e-3] > 0.2
 
 
+# p/max ~5e-8 on the walls of [−6, 6]² at t = 0.6; the bands checked (p ≥ 1e-6·max) are far from them
+@pytest.mark.filterwarnings("ignore:mass reaches the boundary:fpe_lab.groundtruth.diagnostics.BoundaryWarning")
 def test_fv_against_convolution_reference_2d():
     """FD against the exact reference on a non-mixture p0 (a smoothed ring)."""
     grid = Grid(((-6.0, 6.0), (-6.0, 6.0)), (96, 96))
@@ -136,7 +147,13 @@ def test_fv_against_convolution_reference_2d():
         assert bands[1e-6] < 0.1, bands
 
 
-@pytest.mark.parametrize("sde", [VESDE(), VPSDE()], ids=lambda s: type(s).__name__)
+# VE at t = 0.5 puts p/max ~2e-12 on the walls of [−8, 8]; the order is measured where p ≥ 1e-3·max
+_VE_WALLS = pytest.mark.filterwarnings(
+    "ignore:mass reaches the boundary:fpe_lab.groundtruth.diagnostics.BoundaryWarning"
+)
+
+
+@pytest.mark.parametrize("sde", [pytest.param(VESDE(), marks=_VE_WALLS), VPSDE()], ids=lambda s: type(s).__name__)
 def test_fv_space_order_1d(sde):
     """Observed order in space over 3 resolutions (time error negligible at 400 steps)."""
     gm, t = mixture_1d(), 0.5
@@ -166,6 +183,8 @@ def test_fv_time_order_2d_time_dependent_drift():
     assert 1.8 < order < 2.5, (order, diffs)
 
 
+# the moving mixture puts p/max ~7e-9 on the walls of [−6, 6]²; the order is measured where p ≥ 1e-3·max
+@pytest.mark.filterwarnings("ignore:mass reaches the boundary:fpe_lab.groundtruth.diagnostics.BoundaryWarning")
 def test_manufactured_nonlinear_time_dependent_drift():
     """Observed space order on the exact moving-mixture solution, plus conservation and positivity."""
     sde, times = MovingMixtureSDE(), [0.25, 0.5]
@@ -189,6 +208,8 @@ def test_manufactured_nonlinear_time_dependent_drift():
     assert errs[-1] < 0.05, errs  # and small in absolute terms at h = 1/16
 
 
+# p/max ~6e-10 on the walls of [−1.6, 1.6]² at t = 0.05; zero-flux walls do not disturb the stationary state
+@pytest.mark.filterwarnings("ignore:mass reaches the boundary:fpe_lab.groundtruth.diagnostics.BoundaryWarning")
 def test_stationary_density_of_gradient_drift():
     """dx = −∇U dt + g dw with constant g relaxes to exp(−2U/g²); U non-separable, non-quadratic.
 

@@ -17,7 +17,7 @@ import torch
 from scipy.special import ndtr
 
 from fpe_lab.gmm import GaussianMixture
-from fpe_lab.groundtruth import Grid
+from fpe_lab.groundtruth import BoundaryWarning, Grid
 from fpe_lab.metrics import DensityDistances, ModelDensities, density_distances, model_densities
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.mlp import TimeMLP
@@ -197,7 +197,7 @@ def test_network_score_in_float32_runs_and_infers_device_and_dtype():
     sde = VPSDE()
     model = ScoreModel(TimeMLP(2, 16, 2), sde)
     grid = box_grid(16)
-    with pytest.warns(Warning):  # an untrained net piles mass on the walls: BoundaryWarning expected
+    with pytest.warns(BoundaryWarning, match="on the walls of the box"):  # an untrained net piles mass on the walls
         md = model_densities(model, sde, grid, eps=1e-2, sde_steps=10, ode_rtol=1e-4, ode_atol=1e-4)
     assert md.info["dtype"] == "torch.float32" and md.info["device"] == "cpu"
     for q in (md.ode, md.sde):
