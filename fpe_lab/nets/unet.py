@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypedDict, cast
 
 import torch
 from torch import nn
@@ -57,6 +59,17 @@ def _check_int(value, name: str, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}; got {value!r}")
     return value
+
+
+class _PresetFields(TypedDict):
+    """The fields :meth:`UNetConfig.preset` sets for a named size."""
+
+    channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    dropout: float
+    num_groups: int
 
 
 @dataclass(frozen=True)
@@ -105,27 +118,31 @@ class UNetConfig:
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if not isinstance(self.time_embedding, TimeEmbedding):
-            raise ValueError(f"time_embedding must be a TimeEmbedding ({list(TimeEmbedding)}); got {self.time_embedding!r}")
+            raise ValueError(
+                f"time_embedding must be a TimeEmbedding ({list(TimeEmbedding)}); got {self.time_embedding!r}"
+            )
         if not (math.isfinite(self.fourier_scale) and self.fourier_scale > 0):
             raise ValueError(f"fourier_scale must be finite and > 0; got {self.fourier_scale!r}")
 
     @classmethod
-    def preset(cls, size: UNetSize, in_channels: int = 3, image_size: int = 32, dropout: float | None = None) -> UNetConfig:
+    def preset(
+        cls, size: UNetSize, in_channels: int = 3, image_size: int = 32, dropout: float | None = None
+    ) -> UNetConfig:
         """The named sizes; attention sits at half the input resolution (16 for 32×32 images)."""
         attn = (max(image_size // 2, 1),)
         match size:
             case UNetSize.TINY:
-                cfg = dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn,
-                           dropout=0.0, num_groups=4)
+                cfg = _PresetFields(channels=16, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=attn,
+                                    dropout=0.0, num_groups=4)
             case UNetSize.SMALL:
-                cfg = dict(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=attn,
-                           dropout=0.1, num_groups=16)
+                cfg = _PresetFields(channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=attn,
+                                    dropout=0.1, num_groups=16)
             case UNetSize.DDPMPP:
-                cfg = dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=attn,
-                           dropout=0.1, num_groups=32)
+                cfg = _PresetFields(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=4, attn_resolutions=attn,
+                                    dropout=0.1, num_groups=32)
             case UNetSize.DDPMPP_DEEP:
-                cfg = dict(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=attn,
-                           dropout=0.1, num_groups=32)
+                cfg = _PresetFields(channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=8, attn_resolutions=attn,
+                                    dropout=0.1, num_groups=32)
             case _:
                 raise ValueError(f"size must be a UNetSize ({[s.value for s in UNetSize]}); got {size!r}")
         if dropout is not None:
@@ -135,6 +152,8 @@ class UNetConfig:
 
 class _TimeEmbed(nn.Module):
     """t: (b,) → e(t): (b, channels); see :class:`TimeEmbedding`."""
+
+    freqs: torch.Tensor  # a buffer (register_buffer in __init__)
 
     def __init__(self, channels: int, kind: TimeEmbedding, fourier_scale: float) -> None:
         super().__init__()
@@ -261,13 +280,15 @@ class UNet(nn.Module):
         cfg = self.config
         expected = (cfg.in_channels, cfg.image_size, cfg.image_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (b, {', '.join(map(str, expected))}) for this UNet; got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (b, {', '.join(map(str, expected))}) for this UNet; got {tuple(x.shape)}"
+            )
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must have shape ({x.shape[0]},); got {tuple(t.shape)}")
         emb = self.emb_mlp(self.time_embed(t).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]
-        for level, down in zip(self.down, self.downsample):
+        for level, down in zip(cast(Iterable[_Level], self.down), self.downsample):
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(h, emb))
                 hs.append(h)
@@ -275,7 +296,7 @@ class UNet(nn.Module):
                 h = down(h)
                 hs.append(h)
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for level, up in zip(self.up, self.upsample):
+        for level, up in zip(cast(Iterable[_Level], self.up), self.upsample):
             for block, attn in zip(level.blocks, level.attns):
                 h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
             if not isinstance(up, nn.Identity):
