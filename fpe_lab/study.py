@@ -56,7 +56,8 @@ from fpe_lab.settings import strip_optional
 from fpe_lab.train import TrainingInterrupted
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
-           "PLAN_NAME", "submitit_submit", "paired_difference", "MAX_RUNS", "WorkerFailure"]
+           "PLAN_NAME", "submitit_submit", "paired_difference", "paired_p_value", "holm", "MAX_RUNS",
+           "WorkerFailure", "PRETRAINED"]
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +469,10 @@ SUMMARY_METRICS: tuple[tuple[str, Callable[[EvalReport], float | None]], ...] = 
     ("sw_sde_vs_data", lambda r: r.samples.sliced_wasserstein.sde_vs_data if r.samples else None),
     ("sw_ode_vs_data", lambda r: r.samples.sliced_wasserstein.ode_vs_data if r.samples else None),
     ("mmd2_sde_vs_data", lambda r: r.samples.mmd2.sde_vs_data if r.samples else None),
+    ("gap_tv_ode_sde", lambda r: r.gap.ode_vs_sde["tv"] if r.gap else None),
+    ("gap_w2_ode_sde", lambda r: r.gap.ode_vs_sde["w2"] if r.gap else None),
+    ("gap_kl_truth_sde", lambda r: r.gap.truth_vs_sde["kl"] if r.gap else None),
+    ("sde_nll_gap_nats", lambda r: r.gap.sde_nll_nats - r.gap.true_nll_nats if r.gap else None),
 )
 """(column, getter on the EvalReport): the metrics of the summary; lower is better for each."""
 
@@ -488,6 +493,31 @@ def paired_difference(diffs: Sequence[float]) -> tuple[float, float, float, bool
         half = math.inf
     lo, hi = mean - half, mean + half
     return mean, lo, hi, bool(n > 1 and (lo > 0 or hi < 0))
+
+
+def paired_p_value(diffs: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test of ``diffs`` (mean 0 under the null); 1.0 for fewer than two
+    differences or none that vary and a zero mean."""
+    n = len(diffs)
+    if n < 2:
+        return 1.0
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of m p-values (family-wise error rate): sorted ascending, the k-th
+    (from 0) becomes max over j ≤ k of min(1, (m − j) p_(j)); returned in the input order."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
@@ -529,6 +559,7 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
                      if name in values[arm_name][s] and name in values[control][s]]
             (row[f"{name}_diff"], row[f"{name}_lo"], row[f"{name}_hi"],
              row[f"{name}_sig"]) = paired_difference(diffs)
+            row[f"{name}_p"] = paired_p_value(diffs)
         rows.append(row)
     return rows
 

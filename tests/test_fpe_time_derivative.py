@@ -93,7 +93,7 @@ def test_dropout_noise_would_be_amplified_without_eval_mode():
     torch.manual_seed(0)
     lin = torch.nn.Linear(3, 2).double()
     drop = torch.nn.Dropout(0.5).train()
-    fn = lambda x, t: drop(lin(torch.cat([x, t[:, None]], 1)))  # a lambda: eval mode cannot be applied
+    fn = lambda x, t: drop(lin(torch.cat([x, t[:, None]], 1)))  # noqa: E731 - a lambda: eval mode cannot be applied
     x = _points(16)
     t = torch.full((16,), 0.5, dtype=torch.float64)
     _, d = FiniteDifferenceDt(h=1e-3)(fn, x, t)

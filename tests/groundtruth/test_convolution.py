@@ -31,8 +31,8 @@ def test_convolution_matches_exact_mixture(sde, dim):
     sol = solve_fokker_planck(sde, p0, grid, TIMES, progress=False)
     assert sol.method is Method.CONVOLUTION
     for i, t in enumerate(TIMES):
-        lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
-        s = on_grid(lambda x: gm.score(x, t, sde), grid)
+        lp = on_grid(lambda x, t=t: gm.log_prob(x, t, sde), grid)
+        s = on_grid(lambda x, t=t: gm.score(x, t, sde), grid)
         bands = score_error_bands(sol.score[i], s, lp, levels=(1e-3, 1e-10, 1e-100))
         # Midpoint sums of Gaussians wider than ~2 cells are exact to float64 round-off (error
         # ~exp(−2π²(w/h)²)); round-off grows like eps·|x|/s² into the tails, hence 1e-9.
@@ -61,8 +61,8 @@ def test_small_t_uses_the_bandlimited_kernel(sde):
     p0 = on_grid(lambda x: gm.log_prob(x).exp(), grid)
     sol = solve_fokker_planck(sde, p0, grid, times, progress=False)
     for i, t in enumerate(times):
-        lp = on_grid(lambda x: gm.log_prob(x, t, sde), grid)
-        bands = score_error_bands(sol.score[i], on_grid(lambda x: gm.score(x, t, sde), grid), lp)
+        lp = on_grid(lambda x, t=t: gm.log_prob(x, t, sde), grid)
+        bands = score_error_bands(sol.score[i], on_grid(lambda x, t=t: gm.score(x, t, sde), grid), lp)
         # signed kernel: absolute round-off ~eps·max in p, so score error ~eps·(max/p)/h:
         # 2e-9 at p = 1e-6·max, 2e-5 at 1e-10·max (measured 4e-9, 1.5e-5)
         assert bands[1e-6] < 1e-7, bands
