@@ -369,8 +369,17 @@ class SubVPSDE(_BetaSchedule, LinearSDE):
         )
 
 
+class _KnotTables:
+    """The tables :class:`TabulatedVPSDE` sets in ``__post_init__``, declared on a plain class so that the
+    dataclass does not take them for fields (they stay out of its __init__, fields(), asdict, eq and hash)."""
+
+    _knots: torch.Tensor  # (N + 1,) the knots k/N
+    _values: torch.Tensor  # (N + 1,) log ᾱ at the knots, 0 first
+    _rates: torch.Tensor  # (N,) beta on each interval
+
+
 @dataclass(frozen=True, repr=False)
-class TabulatedVPSDE(LinearSDE):
+class TabulatedVPSDE(LinearSDE, _KnotTables):
     r"""The VP SDE of a discrete schedule ᾱ_0 > ᾱ_1 > … > ᾱ_{N−1} > 0 (diffusers' ``alphas_cumprod``).
 
     Step k of the table sits at t = (k + 1)/N, and log ᾱ is piecewise linear in t through the knots
