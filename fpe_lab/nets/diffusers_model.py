@@ -46,7 +46,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -105,6 +105,13 @@ def _require_diffusers():
 
 
 # ---------------------------------------------------------------------- the schedules
+class _UNetConfig(Protocol):
+    """What :class:`DiffusersEpsNet` reads of a UNet2DModel's ``config`` (diffusers' FrozenDict, keys as attributes)."""
+
+    sample_size: int | tuple[int, int] | list[int]
+    in_channels: int
+
+
 def _betas(kind: str, n: int, beta_start: float, beta_end: float) -> torch.Tensor:
     """diffusers' ``beta_schedule`` formulas (DDPMScheduler, diffusers 0.42), in float64."""
     k = torch.arange(n, dtype=torch.float64)
@@ -125,8 +132,15 @@ def _betas(kind: str, n: int, beta_start: float, beta_end: float) -> torch.Tenso
     return torch.clamp(1 - alpha_bar((k + 1) / n) / alpha_bar(k / n), max=0.999)
 
 
+class _ScheduleSDE:
+    """The SDE :class:`DiffusersSchedule` sets in ``__post_init__``, declared on a plain class so that the
+    dataclass does not take it for a field."""
+
+    _sde: TabulatedVPSDE
+
+
 @dataclass(frozen=True, repr=False)
-class DiffusersSchedule:
+class DiffusersSchedule(_ScheduleSDE):
     """A diffusers training schedule: ᾱ_k (``alphas_cumprod``, float64) and what the network predicts.
 
     :meth:`sde` is its :class:`~fpe_lab.sde.TabulatedVPSDE` and :meth:`timestep` the network input
@@ -227,7 +241,9 @@ class DDPMSchedule:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v < 1):
                 raise ValueError(f"{name} must be a number in (0, 1); got {v!r}")
         if self.beta_end < self.beta_start:
-            raise ValueError(f"beta_end must be >= beta_start; got beta_start={self.beta_start}, beta_end={self.beta_end}")
+            raise ValueError(
+                f"beta_end must be >= beta_start; got beta_start={self.beta_start}, beta_end={self.beta_end}"
+            )
 
     def betas(self) -> torch.Tensor:
         """β_k, float64 (n_steps,)."""
@@ -305,7 +321,7 @@ class DiffusersEpsNet(nn.Module):
         self.unet = unet
         self.schedule = schedule
         self.sde = schedule.sde()
-        cfg = unet.config
+        cfg = cast(_UNetConfig, unet.config)
         size = cfg.sample_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.image_shape: tuple[int, int, int] = (int(cfg.in_channels), int(h), int(w))
@@ -373,9 +389,13 @@ def find_unet_dir(path: str | Path) -> tuple[Path, Path | None]:
         if name is None:
             continue
         if name != "UNet2DModel":
-            raise DiffusersModelError(f"{d / CONFIG_NAME} describes a diffusers {name}; only UNet2DModel (unconditional DDPM) is supported")
+            raise DiffusersModelError(
+                f"{d / CONFIG_NAME} describes a diffusers {name}; only UNet2DModel (unconditional DDPM) is supported"
+            )
         if not _has_weights(d):
-            raise DiffusersModelError(f"{d} has a UNet2DModel {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or {BIN_NAME})")
+            raise DiffusersModelError(
+                f"{d} has a UNet2DModel {CONFIG_NAME} but no weights ({SAFETENSORS_NAME} or {BIN_NAME})"
+            )
         if d == p:
             for sched in (p / SCHEDULER_CONFIG_NAME, p.parent / "scheduler" / SCHEDULER_CONFIG_NAME):
                 if sched.is_file() and (sched.parent == p or p.name == "unet"):
@@ -422,7 +442,9 @@ def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: it is not a plain tensor state dict (torch.load with weights_only=True "
             f"rejected it: {first}); convert the weights to {SAFETENSORS_NAME}"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise DiffusersModelError(f"{path}: expected a dict of parameter name → tensor; got {type(state).__name__}")
     return state
 
@@ -435,10 +457,15 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
             "which needs a 'positional' (DDPM) time embedding"
         )
     if cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None:
-        raise DiffusersModelError(f"{where}: a class-conditional model (num_class_embeds/class_embed_type set); only unconditional ones are supported")
+        raise DiffusersModelError(
+            f"{where}: a class-conditional model (num_class_embeds/class_embed_type set); "
+            "only unconditional ones are supported"
+        )
     c_in, c_out = cfg.get("in_channels", 3), cfg.get("out_channels", 3)
     if c_out != c_in:
-        raise DiffusersModelError(f"{where}: out_channels {c_out} != in_channels {c_in}; a noise predictor returns the input's shape")
+        raise DiffusersModelError(
+            f"{where}: out_channels {c_out} != in_channels {c_in}; a noise predictor returns the input's shape"
+        )
 
 
 def load_diffusers_score(
@@ -492,7 +519,8 @@ def load_diffusers_score(
         missing, unexpected = unet.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise DiffusersModelError(f"{folder}: the weights do not fit config.json: {lines[1] if len(lines) > 1 else lines[0]}") from None
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise DiffusersModelError(f"{folder}: the weights do not fit config.json: {detail}") from None
     if missing or unexpected:
         raise DiffusersModelError(
             f"{folder}: the weights do not fit config.json: {len(missing)} missing keys"
