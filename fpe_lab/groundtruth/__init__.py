@@ -12,4 +12,6 @@ from fpe_lab.groundtruth.grid import Grid
 from fpe_lab.groundtruth.solution import Solution
 from fpe_lab.groundtruth.solver import Method, solve_fokker_planck
 
-__all__ = ["Grid", "Solution", "Method", "solve_fokker_planck", "BoundaryWarning", "ResolutionWarning", "SolverBreakdown"]
+__all__ = [
+    "Grid", "Solution", "Method", "solve_fokker_planck", "BoundaryWarning", "ResolutionWarning", "SolverBreakdown",
+]

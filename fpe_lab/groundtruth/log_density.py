@@ -1,6 +1,7 @@
 r"""Log-density Fokker–Planck solver: u = log p on a 1D/2D grid, for any drift f(x, t) and g(t).
 
-Dividing the FPE ∂_t p = −∇·(f p) + ½g²Δp by p gives the equation of u = log p (docs/conventions.md, "Ground-truth numerics"),
+Dividing the FPE ∂_t p = −∇·(f p) + ½g²Δp by p gives the equation of u = log p (docs/conventions.md,
+"Ground-truth numerics"),
 
     ∂_t u = F(u, t) = −∇·f − f·∇u + ½g² (Δu + |∇u|²),
 
@@ -65,7 +66,9 @@ from fpe_lab.groundtruth.finite_volume import diffusion_squared, step_times
 from fpe_lab.groundtruth.grid import Grid
 from fpe_lab.progress import progress_bar as tqdm
 
-__all__ = ["P0_FLOOR", "DAMPED_STEPS", "LogDensityScheme", "initial_log_density", "solve_log_density", "central_gradient"]
+__all__ = [
+    "P0_FLOOR", "DAMPED_STEPS", "LogDensityScheme", "initial_log_density", "solve_log_density", "central_gradient",
+]
 
 log = logging.getLogger(__name__)
 

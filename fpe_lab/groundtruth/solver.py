@@ -116,12 +116,15 @@ def _check_log_p0(log_p0, grid: Grid) -> np.ndarray:
     try:
         u = np.array(log_p0, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"log_p0 must be an array of numbers of shape {grid.shape}; got {type(log_p0).__name__}") from None
+        raise ValueError(
+            f"log_p0 must be an array of numbers of shape {grid.shape}; got {type(log_p0).__name__}"
+        ) from None
     if u.shape != grid.shape:
         raise ValueError(f"log_p0 must have shape grid.shape = {grid.shape}; got {u.shape}")
     if not np.all(np.isfinite(u)):
         raise ValueError(
-            f"log_p0 must be finite (log of a positive density); got {np.count_nonzero(~np.isfinite(u))} non-finite values"
+            "log_p0 must be finite (log of a positive density); "
+            f"got {np.count_nonzero(~np.isfinite(u))} non-finite values"
         )
     return u - (logsumexp(u) + np.log(grid.cell_volume))
 
@@ -157,7 +160,10 @@ def _check_kernel_widths(sde, grid: Grid, t: np.ndarray) -> None:
 def fd_score(log_p: np.ndarray, grid: Grid) -> np.ndarray:
     """∇ log p by second-order central differences (one-sided at the walls); shape (*grid.shape, D)."""
     with np.errstate(invalid="ignore"):
-        grads = np.gradient(log_p, *grid.dx, edge_order=2) if grid.ndim > 1 else [np.gradient(log_p, grid.dx[0], edge_order=2)]
+        if grid.ndim > 1:
+            grads = np.gradient(log_p, *grid.dx, edge_order=2)
+        else:
+            grads = [np.gradient(log_p, grid.dx[0], edge_order=2)]
     return np.stack(grads, axis=-1)
 
 
@@ -184,8 +190,9 @@ def solve_fokker_planck(
 
     Main arguments:
         sde: any object with ``drift(x, t)`` (torch, x (b, D) float64, t (b,)) -> (b, D) and
-            ``diffusion(t)`` (t (b,)) -> g (b,) with g >= 0, not identically 0. An object that also has ``marginal(t)`` ->
-            (alpha, sigma) (a linear SDE such as VESDE/VPSDE/SubVPSDE) is solved exactly by default.
+            ``diffusion(t)`` (t (b,)) -> g (b,) with g >= 0, not identically 0. An object that also has
+            ``marginal(t)`` -> (alpha, sigma) (a linear SDE such as VESDE/VPSDE/SubVPSDE) is solved exactly
+            by default.
         p0: nonnegative array of shape ``grid.shape``, the initial density at the cell centres
             (normalised internally); it should vanish towards the walls.
             Pass ``p0=None`` together with ``log_p0`` to start from a log-density instead.
@@ -266,7 +273,8 @@ def solve_fokker_planck(
                     f"{type(sde).__name__} has none: use Method.FINITE_VOLUME"
                 )
             _check_kernel_widths(sde, grid, t)
-            for i, ti in enumerate(tqdm(t, desc="Gaussian convolution", unit="time", disable=not progress, leave=False)):
+            bar = tqdm(t, desc="Gaussian convolution", unit="time", disable=not progress, leave=False)
+            for i, ti in enumerate(bar):
                 if ti == 0:
                     continue
                 log_p[i], score[i], _ = convolve_marginal(*marginal_coefficients(sde, ti), u0, grid, p0_resolved,
@@ -279,13 +287,13 @@ def solve_fokker_planck(
             if log_p0 is None:
                 u0 = initial_log_density(p)
             log_p[:], score[:] = solve_log_density(sde, u0, grid, t, int(n_steps), progress=progress)
-    for i in np.flatnonzero(t == 0):
+    for j in np.flatnonzero(t == 0):
         if log_p0 is not None:
-            log_p[i] = u0
+            log_p[j] = u0
         else:
             with np.errstate(divide="ignore"):
-                log_p[i] = np.log(p)
-        score[i] = fd_score(log_p[i], grid)
+                log_p[j] = np.log(p)
+        score[j] = fd_score(log_p[j], grid)
 
     with np.errstate(under="ignore"):
         check_walls(grid, np.exp(log_p), t, wall_tol)
