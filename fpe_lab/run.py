@@ -14,7 +14,7 @@ import sys
 from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
 
 # The commands, in the order ``--help`` shows them. Add a module here to add a command.
-COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study", "audit")
+COMMAND_MODULES: tuple[str, ...] = ("train", "groundtruth", "study", "report", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:

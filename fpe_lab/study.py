@@ -235,8 +235,15 @@ class StudyPlan:
                              "starts from its seed's pre-training run")
         unique: dict[str, Arm] = {}
         for arm in self.arms:
-            key = arm.apply(self.base).fingerprint()  # validates every arm up front
-            unique.setdefault(key, arm)
+            config = arm.apply(self.base)  # validates every arm up front
+            kind_path = ("loss", "reg", "kind")
+            if (config.loss.reg.kind == regularizers.NONE and len(arm.name.split()) == len(arm.changes) > 0
+                    and any(tuple(path) == kind_path for path, _ in arm.changes)):
+                # reg=none: the name drops the loss.reg settings that cannot act (lam, regularizer options)
+                kept = [text for (path, _), text in zip(arm.changes, arm.name.split(), strict=True)
+                        if not (tuple(path[:2]) == ("loss", "reg") and tuple(path) != ("loss", "reg", "kind"))]
+                arm = Arm(" ".join(kept) or "base", arm.changes)
+            unique.setdefault(config.fingerprint(), arm)
         if len(unique) * len(seeds) > MAX_RUNS:
             n = len(unique) * len(seeds)
             raise ValueError(f"the study has {len(unique)} arms × {len(seeds)} seeds = {n} runs; a study holds at most "
@@ -565,12 +572,13 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
 
 
 def write_summary(rows: list[dict[str, Any]], out: str | Path, stem: str = "summary") -> tuple[Path, Path]:
-    """``out/stem.csv`` (every number) and ``out/stem.md`` (mean, and paired difference [95% CI] with a
-    * where the interval excludes zero), written atomically."""
+    """``out/stem.csv`` (every number) and ``out/stem.md`` (one table per metric: per arm the mean over seeds,
+    the paired difference to the control [95% CI] with a * where the interval excludes zero, and the paired
+    t-test's p), written atomically. The pre-trained model, where there is one, is the first row."""
     out = Path(out)
     names = [n for n, _ in SUMMARY_METRICS] + ["step_time_s"]
     names = [n for n in names if any(f"{n}_mean" in r for r in rows)]
-    cols = ["arm", "n_seeds"] + [f"{n}_{k}" for n in names for k in ("mean", "diff", "lo", "hi", "sig")]
+    cols = ["arm", "n_seeds"] + [f"{n}_{k}" for n in names for k in ("mean", "diff", "lo", "hi", "sig", "p")]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -578,19 +586,21 @@ def write_summary(rows: list[dict[str, Any]], out: str | Path, stem: str = "summ
         w.writerow([r.get(c, "") if not isinstance(r.get(c), float) else f"{r[c]:.6g}" for c in cols])
     csv_path, md_path = out / f"{stem}.csv", out / f"{stem}.md"
     atomic_write_text(csv_path, buf.getvalue())
-    lines = ["| arm | seeds | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
-    for r in rows:
-        cells = []
-        for n in names:
+    control = next(r["arm"] for r in rows if r["arm"] != PRETRAINED)
+    lines = [f"Mean over {rows[0]['n_seeds']} seeds; Δ: paired difference to the control arm `{control}` (same seeds) "
+             "with its 95% t-interval, * where it excludes zero; p: the paired t-test (not adjusted for the "
+             "number of comparisons). Lower is better for every metric.", ""]
+    for n in names:
+        lines += [f"### {n}", "", "| arm | mean | Δ to the control [95% CI] | p |", "|---|---|---|---|"]
+        for r in rows:
             if f"{n}_mean" not in r:
-                cells.append("—")
-            elif f"{n}_diff" in r:
+                continue
+            if f"{n}_diff" in r:
                 mark = " *" if r[f"{n}_sig"] else ""
-                cells.append(f"{r[f'{n}_mean']:.4g} (Δ {r[f'{n}_diff']:+.3g} [{r[f'{n}_lo']:+.3g}, {r[f'{n}_hi']:+.3g}]{mark})")
+                delta = f"{r[f'{n}_diff']:+.3g} [{r[f'{n}_lo']:+.3g}, {r[f'{n}_hi']:+.3g}]{mark}"
+                lines.append(f"| {r['arm']} | {r[f'{n}_mean']:.4g} | {delta} | {r[f'{n}_p']:.2g} |")
             else:
-                cells.append(f"{r[f'{n}_mean']:.4g}")
-        lines.append(f"| {r['arm']} | {r['n_seeds']} | " + " | ".join(cells) + " |")
-    note = (f"\nMean over seeds; Δ: paired difference to the control arm `{rows[0]['arm']}` (same seeds), with its "
-            "95% t-interval over seeds; * where the interval excludes zero. Lower is better for every column.\n")
-    atomic_write_text(md_path, "\n".join(lines) + "\n" + note)
+                lines.append(f"| {r['arm']} | {r[f'{n}_mean']:.4g} | — | — |")
+        lines.append("")
+    atomic_write_text(md_path, "\n".join(lines))
     return csv_path, md_path

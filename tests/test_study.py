@@ -235,7 +235,8 @@ def test_the_star_marks_intervals_that_exclude_zero_below_and_above(tmp_path, mo
     def fake_load(folder):
         v = value[Path(folder)]
         report = SimpleNamespace(mean={"fpe_residual_rel": v, "jacobian_asymmetry_rel": v, "dsm": v}, times=(0.5,),
-                                 per_time=SimpleNamespace(fpe_residual=(v,), score_error=None), nll=None, samples=None)
+                                 per_time=SimpleNamespace(fpe_residual=(v,), score_error=None), nll=None, samples=None,
+                                 gap=None)
         return SimpleNamespace(report=report, is_finished=True)
 
     monkeypatch.setattr(runs, "load", fake_load)
@@ -246,7 +247,8 @@ def test_the_star_marks_intervals_that_exclude_zero_below_and_above(tmp_path, mo
     assert worse["dsm_lo"] > 0 and worse["dsm_sig"] is True
     assert unclear["dsm_lo"] < 0 < unclear["dsm_hi"] and unclear["dsm_sig"] is False
     _, md = write_summary(list(rows.values()), tmp_path)
-    cells = {line.split("|")[1].strip(): line.split("|")[4] for line in md.read_text().splitlines()
-             if line.startswith("| lam=")}  # the dsm column
-    assert cells["lam=0.1"].strip().endswith("*)") and cells["lam=0.2"].strip().endswith("*)")
-    assert "*" not in cells["lam=0.3"] and "Δ" in cells["lam=0.3"] and "Δ" not in cells["lam=0"]
+    dsm_table = md.read_text().split("### dsm\n", 1)[1].split("###", 1)[0]
+    cells = {line.split("|")[1].strip(): line.split("|")[3] for line in dsm_table.splitlines()
+             if line.startswith("| lam=")}  # the Δ column of the dsm table
+    assert cells["lam=0.1"].strip().endswith("*") and cells["lam=0.2"].strip().endswith("*")
+    assert "*" not in cells["lam=0.3"] and "[" in cells["lam=0.3"] and cells["lam=0"].strip() == "—"
