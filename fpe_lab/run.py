@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from fpe_lab.commands.train import preload_plugins
+    # fpe_lab.train first: it imports torch, so a signal right after start-up most likely lands there. CPython (3.11)
+    # drops an exception a signal handler raises while compile() runs, and without .pyc files (PYTHONDONTWRITEBYTECODE)
+    # every fpe_lab module is compiled at import: commands.train first would start with a chain of compiles.
     from fpe_lab.train import TrainingInterrupted
+
+    # isort: split
+    from fpe_lab.commands.train import preload_plugins
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:  # a plug-in's regularizer and its flags must exist before the parser is built
