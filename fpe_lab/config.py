@@ -479,7 +479,9 @@ class EvalConfig(Section):
     def resolve(self, device_type: str) -> EvalConfig:
         """The settings with every open (none) one filled: by ``scale`` and the device ("cpu" or "cuda")."""
         fill = _IMAGE_EVAL["paper" if self.scale is EvalScale.PAPER else ("cpu" if device_type == "cpu" else "cuda")]
-        changes = {k: (ODEMethod(v) if k == "ode" else v) for k, v in fill.items() if getattr(self, k) is None}
+        changes: dict[str, Any] = {
+            k: (ODEMethod(v) if k == "ode" else v) for k, v in fill.items() if getattr(self, k) is None
+        }
         return dataclasses.replace(self, **changes) if changes else self
 
 

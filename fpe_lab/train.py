@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,7 +76,8 @@ class TrainingInterrupted(Exception):
         self.step, self.signum, self.saved = step, signum, saved
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"{name} at step {step}: " + ("checkpoint written" if saved else "nothing saved (no run folder)"))
+        saved_note = "checkpoint written" if saved else "nothing saved (no run folder)"
+        super().__init__(f"{name} at step {step}: {saved_note}")
 
 
 StepRecord = dict
@@ -161,8 +164,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·θ for parameters; buffers are copied."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+    for eb, b in zip(ema.buffers(), model.buffers()):
+        eb.copy_(b)
 
 
 def _generators(seed: int, device: torch.device) -> dict[str, torch.Generator]:
@@ -420,7 +423,8 @@ class _catch_signals:
 
     def __enter__(self) -> list[int]:
         self.caught: list[int] = []
-        self.previous: dict[int, object] = {}
+        # what signal.signal returns and accepts: a handler, SIG_DFL or SIG_IGN (ints), or None (not set from Python)
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, lambda signum, frame: self.caught.append(signum))
