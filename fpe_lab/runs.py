@@ -276,7 +276,9 @@ def _check_same_run(folder: Path, config: RunConfig) -> None:
 def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool]:
     """Check the folder (creating nothing yet); returns (folder, whether a checkpoint is resumed)."""
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"--out {out} is a file, not a folder (a folder is created if missing)", str(out))
+        raise NotADirectoryError(
+            errno.ENOTDIR, f"--out {out} is a file, not a folder (a folder is created if missing)", str(out)
+        )
     folder = run_dir(config, out)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"run folder {folder} exists and is a file")
@@ -370,9 +372,9 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         step_log = _StepLog(folder / LOG_NAME, load_checkpoint(folder / CHECKPOINT_NAME)["step"] if resuming else 0) \
             if env.is_main else None
         try:
-            result = train_loop(module, loss_fn, build.batch_sampler(config, data, config.optim.batch // env.world_size),
-                                options, device=device, run_dir=rank_dir, resume=resuming, on_step=step_log,
-                                main_dir=folder)
+            batches = build.batch_sampler(config, data, config.optim.batch // env.world_size)
+            result = train_loop(module, loss_fn, batches, options, device=device, run_dir=rank_dir, resume=resuming,
+                                on_step=step_log, main_dir=folder)
         finally:
             if step_log is not None:
                 step_log.close()
@@ -484,7 +486,9 @@ def summary(report: EvalReport) -> str:
                      f"{nll.gap_nats_sem:.2g}, {nll.n_points} held-out points)")
     elif nll is not None:
         bound = f"; DSM bound {nll.dsm_bound_bits_per_dim:.4f}" if nll.dsm_bound_bits_per_dim is not None else ""
-        lines.append(f"bits/dim {nll.model_bits_per_dim:.4f} ({nll.n_points} test points × {nll.repeats} repeats){bound}")
+        lines.append(
+            f"bits/dim {nll.model_bits_per_dim:.4f} ({nll.n_points} test points × {nll.repeats} repeats){bound}"
+        )
     if report.samples is not None:
         sw = report.samples.sliced_wasserstein
         lines.append(f"sliced W2 to held-out data: reverse SDE {sw.sde_vs_data:.3g}, PF-ODE {sw.ode_vs_data:.3g} "
@@ -506,7 +510,9 @@ def _write_gap(run: Run, densities: dict[str, Any]) -> None:
     from fpe_lab.figures.gap import gap_figure
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in densities.items()})
+    # Any: mypy checks the ** values against savez_compressed's allow_pickle: bool as well
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in densities.items()}
+    np.savez_compressed(buf, **arrays)
     atomic_write_bytes(run.path / "gap.npz", buf.getvalue())
     atomic_write_bytes(run.path / "gap.png", _png(gap_figure([(run.config.label(), densities)])))
 

@@ -29,6 +29,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,18 +285,20 @@ def _run(args: argparse.Namespace) -> int:
     # the toy set's exact log p0: a density on the grid underflows to 0 in the corners, and the far tails
     # of p_t (convolution, log-density solver) are only resolved from the exact tails of p0
     coords = torch.as_tensor(grid.coords.reshape(-1, 2), dtype=torch.float64)
-    inputs = dict(p0=None, log_p0=data.log_prob(coords).reshape(grid.shape).numpy())
+    log_p0 = data.log_prob(coords).reshape(grid.shape).numpy()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            sol = solve_fokker_planck(sde, grid=grid, times=times, method=method, n_steps=args.n_steps, **inputs)
+            sol = solve_fokker_planck(sde, grid=grid, times=times, method=method, n_steps=args.n_steps,
+                                      p0=None, log_p0=log_p0)
     except (ValueError, SolverBreakdown) as e:
         raise CLIError(str(e)) from None
     for message in dict.fromkeys(str(w.message).splitlines()[0] for w in caught):  # each once, one line each
         sys.stderr.write(f"warning: {message}\n")
 
     # 3. both files in memory first, then written atomically
-    arrays = dict(
+    # Any: mypy checks the ** values against savez_compressed's allow_pickle: bool as well
+    arrays: dict[str, Any] = dict(
         density=sol.density,
         log_density=sol.log_density,
         score=sol.score,
