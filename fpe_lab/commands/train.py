@@ -103,7 +103,7 @@ def _add_leaf(parser: argparse.ArgumentParser, leaf: Leaf, default: Any) -> None
     if isinstance(shown, tuple):
         shown = " ".join(f"{v:g}" for v in shown)
     help_text = f"{leaf.help} (default: {shown})".replace("%", "%%")
-    common = dict(dest="/".join(leaf.path), default=argparse.SUPPRESS, help=help_text)
+    common: dict[str, Any] = dict(dest="/".join(leaf.path), default=argparse.SUPPRESS, help=help_text)
     flag = f"--{leaf.flag}"
     if leaf.repeat:
         (inner, _) = typing.get_args(kind)
@@ -168,7 +168,8 @@ def add_parser(subparsers) -> None:
         p.add_argument("--resume", action="store_true",
                        help="continue the run in its folder; with a larger --steps, grow a finished run")
         p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and run folder; train nothing")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved configuration and run folder; train nothing")
         p.set_defaults(handler=_train_command, preset=preset)
         one_line_errors(p)
     e = subparsers.add_parser("eval", help="re-evaluate a run folder (rewrites its metrics.json and figures)",
