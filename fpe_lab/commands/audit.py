@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -61,7 +61,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eps", type=ranged(float, 0.0, 1.0, lo_open=True), default=DEFAULT_EPS,
                    help="smallest time, and the end time of --data model sampling (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output folder for audit.json and audit.png")
-    p.add_argument("--batch", type=ranged(int, 1), default=16, help="points per chunk, for memory (default: %(default)s)")
+    p.add_argument("--batch", type=ranged(int, 1), default=16,
+                   help="points per chunk, for memory (default: %(default)s)")
     p.add_argument("--device", choices=[d.value for d in DeviceChoice], default=DeviceChoice.AUTO.value,
                    help="device; auto: cuda if available (default: %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
@@ -76,19 +77,24 @@ def add_parser(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------- the model
-def _load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[torch.nn.Module, LinearSDE, tuple[int, ...], str]:
+def _load_model(
+    path: Path, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.nn.Module, LinearSDE, tuple[int, ...], str]:
     """(score model, its SDE, the shape of one sample it takes, a description)."""
     from fpe_lab.nets import diffusers_model as dm
 
     if not path.is_dir():
-        raise CLIError(f"MODEL {path} is not a folder (expected a diffusers UNet2DModel folder or an fpe_lab run folder)")
+        raise CLIError(
+            f"MODEL {path} is not a folder (expected a diffusers UNet2DModel folder or an fpe_lab run folder)"
+        )
     if dm.looks_like_diffusers(path):
         try:
-            model = dm.load_diffusers_score(path, dtype=dtype, device=device)
+            score = dm.load_diffusers_score(path, dtype=dtype, device=device)
         except (dm.MissingDiffusersError, dm.DiffusersModelError) as e:
             raise CLIError(str(e).splitlines()[0]) from None
-        described = f"diffusers UNet2DModel {path} ({model.net.schedule.prediction_type} prediction, {model.sde!r})"
-        return model, model.sde, model.net.image_shape, described
+        net = cast(dm.DiffusersEpsNet, score.net)  # what load_diffusers_score wraps
+        described = f"diffusers UNet2DModel {path} ({net.schedule.prediction_type} prediction, {score.sde!r})"
+        return score, score.sde, net.image_shape, described
     from fpe_lab import runs
 
     if (path / "config.json").is_file():
@@ -99,7 +105,8 @@ def _load_model(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[t
             raise CLIError(f"MODEL {path}: {str(e).splitlines()[0]}") from None
         return model, run.sde, tuple(run.config.data.shape), f"fpe_lab run {path} ({run.sde!r})"
     raise CLIError(
-        f"MODEL {path} is neither an fpe_lab run folder (config.json + checkpoint.pt) nor a diffusers UNet2DModel folder "
+        f"MODEL {path} is neither an fpe_lab run folder (config.json + checkpoint.pt) "
+        "nor a diffusers UNet2DModel folder "
         f"({dm.CONFIG_NAME} with \"_class_name\": \"UNet2DModel\" and {dm.SAFETENSORS_NAME} or {dm.BIN_NAME})"
     )
 
