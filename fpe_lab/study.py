@@ -95,7 +95,8 @@ def _parse_value(leaf: Leaf, text: str) -> Any:
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"--grid {leaf.flag}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"--grid {leaf.flag}: {text!r} is not {what}") from None
     raise ValueError(f"--grid {leaf.flag}: this field cannot be swept")
 
 
@@ -280,9 +281,11 @@ class StudyPlan:
             raise ValueError(f"{path} is not a study plan: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
-             "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
-                                                    for p, v in a.changes]} for a in self.arms]}
+        d: dict[str, Any] = {
+            "base": self.base.to_dict(), "seeds": list(self.seeds), "pretrain_steps": self.pretrain_steps,
+            "arms": [{"name": a.name, "changes": [[list(p), v.value if isinstance(v, enum.Enum) else v]
+                                                   for p, v in a.changes]} for a in self.arms],
+        }
         if self.finetune_lr is not None:  # absent otherwise: plans saved before it existed still match
             d["finetune_lr"] = self.finetune_lr
         return d
@@ -546,9 +549,9 @@ def summarize(plan: StudyPlan, out: str | Path) -> list[dict[str, Any]]:
             if report is None or not run.is_finished:
                 raise ValueError(f"run folder {folder} is not finished (steps done {run.steps_done} of "
                                  f"{run.config.optim.steps}, metrics {'present' if report else 'missing'})")
-            row = {name: get(report) for name, get in SUMMARY_METRICS}
-            row["step_time_s"] = _step_time(folder)
-            per_seed[seed] = {k: v for k, v in row.items() if v is not None}
+            measured = {name: get(report) for name, get in SUMMARY_METRICS}
+            measured["step_time_s"] = _step_time(folder)
+            per_seed[seed] = {k: v for k, v in measured.items() if v is not None}
         values[name_] = per_seed
     control = plan.arms[0].name
     names = [n for n, _ in SUMMARY_METRICS] + ["step_time_s"]
