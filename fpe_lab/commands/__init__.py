@@ -24,7 +24,8 @@ def ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
         if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
             rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
             raise argparse.ArgumentTypeError(f"must be in {rng}; got {text}")
