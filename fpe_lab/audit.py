@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from fpe_lab.checks import check_int
 from fpe_lab.fpe import Estimate, ScoreFn, eval_mode
 from fpe_lab.metrics.per_time import per_time_samples
 from fpe_lab.progress import progress_bar as tqdm
@@ -159,12 +160,6 @@ def _pm(v: float, se: float) -> str:
 
 
 # ---------------------------------------------------------------------- estimation
-def _check_int(v: Any, name: str, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-    return v
-
-
 def audit(
     score_fn: ScoreFn,
     sde: LinearSDE,
@@ -208,9 +203,9 @@ def audit(
         raise ValueError(f"times must be a non-empty list of numbers in [eps, 1] = [{eps:g}, 1]; got {list(times)}")
     if any(b <= a for a, b in zip(times, times[1:])):
         raise ValueError(f"times must be strictly increasing; got {list(times)}")
-    _check_int(probes, "probes")
-    _check_int(batch_size, "batch_size")
-    _check_int(exact_max_dim, "exact_max_dim", lo=0)
+    check_int("probes", probes, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("exact_max_dim", exact_max_dim, 0)
     n = x0.shape[0]
     if points is None:
         points = n

@@ -16,9 +16,9 @@ import torch
 from fpe_lab import distributed
 from fpe_lab.fpe import Hutchinson
 from fpe_lab.losses import dsm_loss
-from fpe_lab.regularizers.fpe import FPERegularizer
 from fpe_lab.model import ScoreModel
 from fpe_lab.nets.unet import UNet, UNetConfig
+from fpe_lab.regularizers.fpe import FPERegularizer
 from fpe_lab.sde import VPSDE
 
 GLOBAL_BATCH = 4

@@ -135,8 +135,8 @@ def test_default_times_and_bad_input():
         (dict(times=[0.5, 0.1]), r"times must be strictly increasing; got \[0.5, 0.1\]"),
         (dict(times=[]), "times must be a non-empty list"),
         (dict(points=5), r"points must be an int in \[1, 4\] \(the rows of x0\); got 5"),
-        (dict(probes=0), "probes must be an int >= 1; got 0"),
-        (dict(batch_size=0), "batch_size must be an int >= 1; got 0"),
+        (dict(probes=0), "probes must be an integer >= 1; got 0"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1; got 0"),
         (dict(eps=0.0), "eps must be a number in \\(0, 1\\); got 0.0"),
     ]
     for kw, msg in cases:

@@ -241,7 +241,8 @@ def test_init_from_records_its_source_and_leaves_other_runs_alone(tmp_path):
     b = _only(tmp_path / "b")
     record = json.loads((b / runs.INIT_FROM_NAME).read_text())
     assert record == {"path": str(src / "checkpoint.pt"), "fingerprint": runs.load(src).config.fingerprint(),
-                      "step": 2, "weights": "ema", "sha256": weights_sha256(src_state["ema"])}
+                      "step": 2, "weights": "model", "sha256": weights_sha256(src_state["model"]),
+                      "state": "continue"}  # the default --init-state continues the source's raw weights
     assert load_checkpoint(b / "checkpoint.pt")["init_from"] == record
     # the record stays what the run started from when it grows, even if the source has changed since
     assert _main("toy2d", *TINY, "--steps", "4", "--resume", "--out", tmp_path / "src") == 0

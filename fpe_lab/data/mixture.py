@@ -23,6 +23,7 @@ from functools import cached_property
 
 import torch
 
+from fpe_lab.checks import check_int
 from fpe_lab.gmm import GaussianMixture
 from fpe_lab.gmm_lowrank import LowRankGaussianMixture
 from fpe_lab.metrics.truth import MixtureTruth
@@ -40,12 +41,6 @@ SD_RANGE = (0.2, 0.5)
 FACTOR_RANGE = (0.5, 1.0)
 """Low-rank mixture: the standard deviation along each of a component's r extra directions, drawn uniformly
 here."""
-
-
-def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-    return v
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +99,7 @@ class MixtureData:
         """n independent samples of p_0, shape (n, D), float64: mu_k + sd_k z with k ~ w, z ~ N(0, I_D).
 
         The draws equal ``self.mixture.sample(n, generator)`` for the same generator state."""
-        _check_int("n", n, 0)
+        check_int("n", n, 0)
         k = (torch.multinomial(self.weights, n, replacement=True, generator=generator) if n
              else torch.zeros(0, dtype=torch.long))
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
@@ -167,8 +162,8 @@ def mixture_data(dim: int, components: int) -> MixtureData:
 
     Deterministic: means 2 u_k (u_k = g_k/‖g_k‖, g_k ~ N(0, I_D)) and sd_k ~ U[0.2, 0.5], drawn from a
     float64 generator seeded with :data:`MIXTURE_SEED`."""
-    _check_int("dim", dim, 1)
-    _check_int("components", components, 1)
+    check_int("dim", dim, 1)
+    check_int("components", components, 1)
     gen = torch.Generator().manual_seed(MIXTURE_SEED)
     g = torch.randn(components, dim, generator=gen, dtype=torch.float64)
     means = MEAN_RADIUS * g / g.norm(dim=-1, keepdim=True)  # D = 1: u = ±1 (a zero draw has probability 0)
@@ -183,8 +178,8 @@ def lowrank_mixture_data(shape: tuple[int, ...], components: int, rank: int) -> 
     g_j ~ N(0, I_D), c_j ~ U[FACTOR_RANGE], drawn after the means and sds from the same generator."""
     dim = 1
     for n in shape:
-        dim *= _check_int("shape entry", n, 1)
-    _check_int("rank", rank, 0)
+        dim *= check_int("shape entry", n, 1)
+    check_int("rank", rank, 0)
     base = mixture_data(dim, components)
     gen = torch.Generator().manual_seed(MIXTURE_SEED)
     torch.randn(components, dim, generator=gen, dtype=torch.float64)  # the means' and sds' draws, as above

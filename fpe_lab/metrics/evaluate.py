@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from fpe_lab.checks import check_int
 from fpe_lab.fpe import Estimate, Hutchinson, Probe, ScoreFn
 from fpe_lab.likelihood import UniformDequantization, dsm_nll_bound, pf_ode_nll
 from fpe_lab.metrics.gap import GapReport, ode_sde_gap
@@ -185,11 +186,6 @@ class EvalReport:
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_int(v, name: str, lo: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}; got {v!r}")
-
-
 def _finite(value: float, what: str) -> float:
     if not math.isfinite(value):
         raise FloatingPointError(f"evaluate: {what} is non-finite ({value}); the score is unusable there")
@@ -299,7 +295,7 @@ def evaluate(
     for v, name, lo in ((n_points, "n_points", 2), (n_nll, "n_nll", 0), (n_samples, "n_samples", 0),
                         (sde_steps, "sde_steps", 1), (floor_repeats, "floor_repeats", 1), (probes, "probes", 2),
                         (batch_size, "batch_size", 1), (nll_repeats, "nll_repeats", 1)):
-        _check_int(v, name, lo)
+        check_int(name, v, lo)
     if n_samples == 1:
         raise ValueError("n_samples must be 0 (disabled) or >= 2; got 1")
     if not callable(getattr(data, "sample", None)):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fpe_lab.checks import check_int
 from fpe_lab.shapes import append_dims
 
 __all__ = ["UNetSize", "TimeEmbedding", "UNetConfig", "UNet"]
@@ -53,12 +54,6 @@ class TimeEmbedding(enum.Enum):
 
     SINUSOIDAL = "sinusoidal"
     FOURIER = "fourier"
-
-
-def _check_int(value, name: str, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}; got {value!r}")
-    return value
 
 
 class _PresetFields(TypedDict):
@@ -92,15 +87,15 @@ class UNetConfig:
     fourier_scale: float = 16.0
 
     def __post_init__(self) -> None:
-        _check_int(self.in_channels, "in_channels", 1)
-        _check_int(self.image_size, "image_size", 1)
-        _check_int(self.channels, "channels", 1)
-        _check_int(self.num_res_blocks, "num_res_blocks", 1)
-        _check_int(self.num_groups, "num_groups", 1)
+        check_int("in_channels", self.in_channels, 1)
+        check_int("image_size", self.image_size, 1)
+        check_int("channels", self.channels, 1)
+        check_int("num_res_blocks", self.num_res_blocks, 1)
+        check_int("num_groups", self.num_groups, 1)
         if not isinstance(self.channel_mult, tuple) or not self.channel_mult:
             raise ValueError(f"channel_mult must be a non-empty tuple of ints >= 1; got {self.channel_mult!r}")
         for m in self.channel_mult:
-            _check_int(m, "channel_mult entry", 1)
+            check_int("channel_mult entry", m, 1)
             if (self.channels * m) % self.num_groups:
                 raise ValueError(
                     f"num_groups={self.num_groups} must divide every level width channels*mult; "

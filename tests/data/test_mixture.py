@@ -102,11 +102,11 @@ def test_sample_mean_and_covariance_match_the_closed_form():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: mixture_data(0, 4), "dim must be an int >= 1; got 0"),
-    (lambda: mixture_data(2.5, 4), "dim must be an int >= 1; got 2.5"),
-    (lambda: mixture_data(4, 0), "components must be an int >= 1; got 0"),
-    (lambda: mixture_data(4, True), "components must be an int >= 1; got True"),
-    (lambda: mixture_data(4, 2).sample(-1), "n must be an int >= 0; got -1"),
+    (lambda: mixture_data(0, 4), "dim must be an integer >= 1; got 0"),
+    (lambda: mixture_data(2.5, 4), "dim must be an integer >= 1; got 2.5"),
+    (lambda: mixture_data(4, 0), "components must be an integer >= 1; got 0"),
+    (lambda: mixture_data(4, True), "components must be an integer >= 1; got True"),
+    (lambda: mixture_data(4, 2).sample(-1), "n must be an integer >= 0; got -1"),
 ])
 def test_bad_input_names_the_field(call, match):
     with pytest.raises(ValueError, match=match):

@@ -139,7 +139,7 @@ def test_presets_and_shapes():
         (dict(image_size=6, channel_mult=(1, 2, 2)), "image_size must be divisible"),
         (dict(dropout=1.0), "dropout must be in"),
         (dict(channel_mult=()), "channel_mult must be"),
-        (dict(num_res_blocks=0), "num_res_blocks must be an int >= 1"),
+        (dict(num_res_blocks=0), "num_res_blocks must be an integer >= 1"),
         (dict(time_embedding="fourier"), "time_embedding must be a TimeEmbedding"),
     ],
 )
