@@ -104,6 +104,18 @@ def build_loss(config: RunConfig, sde: LinearSDE) -> ScoreFPELoss:
                         time_sampling=config.loss.time_sampling)
 
 
+def init_checkpoint(init_from: str) -> Path:
+    """The checkpoint file ``--init-from`` names (a run folder's checkpoint, or the file itself); ValueError
+    when there is none."""
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ValueError(f"--init-from {init_from}: no checkpoint there (expected a run folder with "
+                         f"{CHECKPOINT_NAME} or a file)")
+    return path
+
+
 def init_weights(model: ScoreModel, config: RunConfig) -> dict[str, Any] | None:
     """Start ``model`` from ``optim.init_from`` (a run folder or a checkpoint file); ValueError naming what
     does not fit. ``optim.init_state`` continue: the source's raw weights go into ``model`` and its EMA,
@@ -112,12 +124,7 @@ def init_weights(model: ScoreModel, config: RunConfig) -> dict[str, Any] | None:
     text = config.optim.init_from
     if text is None:
         return None
-    path = Path(text)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ValueError(f"--init-from {text}: no checkpoint there (expected a run folder with {CHECKPOINT_NAME} "
-                         "or a file)")
+    path = init_checkpoint(text)
     state = load_checkpoint(path)
     continuing = config.optim.init_state is InitState.CONTINUE
     key = "model" if continuing else config.optim.init_weights.value

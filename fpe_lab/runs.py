@@ -395,9 +395,7 @@ def _init_from_record(config: RunConfig) -> dict[str, Any] | None:
     text = config.optim.init_from
     if text is None:
         return None
-    path = Path(text)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
+    path = build.init_checkpoint(text)
     state = load_checkpoint(path)  # build.init_weights has read it already: it exists and holds the weights
     key = "model" if config.optim.init_state is InitState.CONTINUE else config.optim.init_weights.value
     step = state.get("step")

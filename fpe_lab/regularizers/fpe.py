@@ -107,19 +107,9 @@ class ResidualFn(Protocol):
 
 
 @runtime_checkable
-class ScoreResidualFn(Protocol):
+class ScoreResidualFn(ResidualFn, Protocol):
     """A :class:`ResidualFn` that can also return the score it evaluated on the way:
     ``with_score(...) -> (s, R)``, each the shape of x (``fpe_lab.nets.jet.jet_score_fpe_residual``)."""
-
-    def __call__(
-        self,
-        score_fn: ScoreFn,
-        sde: LinearSDE,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        divergence: DivergenceEstimator | None = None,
-        create_graph: bool = False,
-    ) -> torch.Tensor: ...
 
     def with_score(
         self,
