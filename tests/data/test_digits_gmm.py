@@ -49,7 +49,10 @@ def test_refit_is_deterministic_and_lossless(shipped):
         torch.testing.assert_close(getattr(mix, name), getattr(shipped, name), rtol=1e-8, atol=1e-10)
     # covariances U Uᵀ (sign- and rotation-free) and the sign-fixed factors themselves
     torch.testing.assert_close(mix.to_full().covs, shipped.to_full().covs, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(mix.factors, shipped.factors, rtol=1e-6, atol=1e-8)
+    # the factors' columns are eigenvectors: where two eigenvalues nearly coincide they are fixed only up to a
+    # rotation within their eigenspace, so entries of order 1e-9 move with the BLAS thread count (measured
+    # 1.2e-8 at 2 threads); U Uᵀ above is what defines the mixture
+    torch.testing.assert_close(mix.factors, shipped.factors, rtol=1e-6, atol=1e-7)
 
 
 def test_shipped_mixture_is_a_working_data_set(shipped):
