@@ -78,6 +78,8 @@ D×D covariance per evaluation point and component, b·K·D²·8 bytes in float6
 D = 4096), so evaluating at large D needs a small ``--eval-batch``."""
 MIXTURE_MAX_COMPONENTS = 64
 MIXTURE_MAX_RANK = 64
+BETA_LIMIT = 1000.0
+"""Largest beta(t) of VP/sub-VP (Score SDE uses 20): explicit PF-ODE solvers take ~beta_max steps per solve."""
 MIXTURE_MAX_IMAGE_DIM = 3 * 64 * 64
 """Largest D of an image-shaped mixture: its truth is low-rank (O(K·D·r) per point, no D×D matrix)."""
 # ---------------------------------------------------------------------- choices
@@ -220,8 +222,10 @@ class SDEConfig(Section):
 
     def __post_init__(self) -> None:
         self._check_enums()
-        _check_float("beta_min", self.beta_min, 0.0, lo_open=True)
-        _check_float("beta_max", self.beta_max, self.beta_min)
+        # beyond BETA_LIMIT the PF-ODE (NLL, samples) needs of the order of beta_max explicit steps per solve:
+        # training would finish and the evaluation would not
+        _check_float("beta_min", self.beta_min, 0.0, BETA_LIMIT, lo_open=True)
+        _check_float("beta_max", self.beta_max, self.beta_min, BETA_LIMIT)
         _check_float("sigma_min", self.sigma_min, 0.0, lo_open=True)
         _check_float("sigma_max", self.sigma_max, self.sigma_min, lo_open=True)
 

@@ -67,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes as the main CLI: 0 done; 2 bad input; 1 an unwritable --out (read-only, a file in the way,
+    disk full); 130/143 on SIGINT/SIGTERM. One ``error:`` line, no traceback."""
+    from fpe_lab.interrupts import Interrupted, raise_on_signals
+
+    with raise_on_signals():
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            print(f"error: interrupted: {e}; the figures written so far are complete", file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
     args = build_parser().parse_args(argv)
@@ -78,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RunFolderError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the output side: permissions, a file where a folder should be, a full disk
+        where = f": {e.filename}" if e.filename else f" (--out {args.out})"
+        print(f"error: cannot write the figures{where}: {e.strerror or e}; check --out's permissions and free "
+              "space", file=sys.stderr)
+        return 1
     return 0
 
 

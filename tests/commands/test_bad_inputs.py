@@ -37,6 +37,9 @@ CASES: list[tuple[str, list[str], str, int]] = [
     ("fpe-estimator", ["toy2d", "--fpe-estimator", "biased"], "argument --fpe-estimator: invalid choice", 2),
     ("dsm-weighting", ["toy2d", "--dsm-weighting", "g2"], "argument --dsm-weighting: invalid choice", 2),
     ("time-sampling", ["toy2d", "--time-sampling", "log"], "argument --time-sampling: invalid choice", 2),
+    ("stiff-sde", ["toy2d", "--beta-min", "1e5", "--beta-max", "1e6"],
+     "beta_min must be a finite number in (0, 1000]; got 100000.0", 2),  # trained, then hung in the PF-ODE (0.2)
+    ("stiff-beta-max", ["toy2d", "--beta-max", "1e4"], "beta_max must be a finite number in [0.1, 1000]; got 10000.0", 2),
     ("steps-zero", ["toy2d", "--steps", "0"], "steps must be an integer in [1, 1000000000]; got 0", 2),
     ("steps-text", ["toy2d", "--steps", "many"], "argument --steps: invalid int value: 'many'", 2),
     ("steps-float", ["toy2d", "--steps", "2.5"], "argument --steps: invalid int value: '2.5'", 2),

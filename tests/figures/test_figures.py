@@ -210,3 +210,11 @@ def test_bad_options(tiny_runs, tmp_path, capsys):
     assert err.startswith("error: ") and "(0, 1]" in err and len(err.strip().splitlines()) == 1
     msg = _fails([str(tiny_runs[0]), "--solver-grids", "16", "32", "--out", str(tmp_path)] , capsys)
     assert "solver_grids" in msg
+
+
+def test_an_unwritable_out_is_one_error_line_with_exit_1(tiny_runs, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # --out under a file: the folder cannot be made (as read-only, for root too)
+    assert main([str(d) for d in tiny_runs] + ["--out", str(blocker / "figs")] + FAST) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(err) == 1 and "cannot write the figures" in err[0] and "a_file" in err[0], err
