@@ -54,6 +54,15 @@ def test_images_divide_lam_by_d_and_use_hutchinson_probes():
     assert reg.divergence.n_probes == 3
 
 
+@pytest.mark.parametrize("kind", ["conservative", "hodsm"])
+def test_jacobian_regularizers_use_probes_on_images_and_the_exact_jacobian_on_points(kind):
+    """On images (--divergence hutchinson in the preset) no D×D Jacobian is formed: probes, as for the residual."""
+    image = digits().override({("loss", "reg", "kind"): kind, ("loss", "reg", "probes"): 2})
+    point = toy2d().override({("loss", "reg", "kind"): kind})
+    assert build.build_loss(image, build.build_sde(image.sde)).regularizer.probes == 2
+    assert build.build_loss(point, build.build_sde(point.sde)).regularizer.probes is None
+
+
 def test_cuda_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
