@@ -33,7 +33,7 @@ Use: ``from fpe_lab.nets.jet import jet_score_fpe_residual`` (same signature and
 :func:`fpe_lab.fpe.score_fpe_residual`, with a ``ScoreModel(TimeMLP, sde)`` as the score function).
 A loss that evaluates s at the same points (DSM at the perturbed points) calls
 ``jet_score_fpe_residual.with_score`` instead, which returns s (the jet's value stream) beside R: one
-forward pass fewer (``fpe_lab.losses.FPERegularizer`` does so at the DSM points). Cost per training
+forward pass fewer (``fpe_lab.regularizers.fpe.FPERegularizer`` does so at the DSM points). Cost per training
 step (benchmarks/bench_train_step.py, benchmarks/RESULTS.md): about 7 matmul streams, so ~7-8x a DSM
 step (~6-7x with the shared value), vs ~10-13x for the generic path.
 """
@@ -271,7 +271,7 @@ class JetScoreFPEResidual:
     ``__call__`` has the signature and result of :func:`fpe_lab.fpe.score_fpe_residual` (a
     ``fpe_lab.losses.ResidualFn``); ``with_score`` returns the jet's value stream s beside R, so a
     loss that also needs s at the same points (DSM at the perturbed points) skips its own forward
-    pass (``fpe_lab.losses.FPERegularizer`` does this when it evaluates R at the DSM points).
+    pass (``fpe_lab.regularizers.fpe.FPERegularizer`` does this when it evaluates R at the DSM points).
     """
 
     def with_score(
