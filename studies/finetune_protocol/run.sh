@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Pilot of the fine-tuning protocol (fine-tuning continues the pre-trained run's weights, EMA and Adam state):
-# does a converged DSM model stay as good when the control arm trains 1000 further DSM steps, and where do the
-# regularizers move the NLL gap and the ODE–SDE gap? Two of the exploration data sets, VP, 3 seeds.
-# About 40 minutes on 2 CPU cores. Usage: bash studies/finetune_protocol/run.sh OUT [JOBS]
+# The fine-tuning protocol study (fine-tuning continues the pre-trained run's weights, EMA and Adam state):
+# per data set, 3000 DSM pre-training steps, then 1000 steps of each arm, 3 seeds, with the ODE–SDE gap.
+#   bash studies/finetune_protocol/run.sh runs/protocol 2                              # the pilot (gmm, 8gaussians, VP)
+#   bash studies/finetune_protocol/run.sh runs/confirm 2 vp moons rings pinwheel       # held-out confirmation
+#   bash studies/finetune_protocol/run.sh runs/confirm_ve 2 ve moons                   # VE on one held-out set
+# About 5–7 minutes per data set on 2 CPU cores. Usage: run.sh OUT [JOBS] [SDE] [DATA ...]
 set -euo pipefail
-out=${1:?usage: run.sh OUT [JOBS]}
+out=${1:?usage: run.sh OUT [JOBS] [SDE] [DATA ...]}
 jobs=${2:-1}
-for data in gmm 8gaussians; do
-  python -m fpe_lab.run study toy2d --data "$data" --sde vp --pretrain-steps 3000 --steps 1000 --seeds 3 \
+sde=${3:-vp}
+shift $(( $# < 3 ? $# : 3 ))
+data_sets=("$@")
+[ ${#data_sets[@]} -gt 0 ] || data_sets=(gmm 8gaussians)
+for data in "${data_sets[@]}"; do
+  python -m fpe_lab.run study toy2d --data "$data" --sde "$sde" --pretrain-steps 3000 --steps 1000 --seeds 3 \
       --jobs "$jobs" \
       --arm "reg=none" \
       --arm "reg=fpe fpe_weighting=normalized lam=0.1" \
