@@ -95,6 +95,7 @@ class Dataset(enum.Enum):
     MOONS = "moons"
     SWISSROLL = "swissroll"
     PINWHEEL = "pinwheel"
+    IMBALANCED = "imbalanced"
     CIFAR10 = "cifar10"
     DIGITS = "digits"
     MIXTURE = "mixture"  # a Gaussian mixture in D = data.dim dimensions, or of data.data_shape (fpe_lab.data.mixture)

@@ -17,6 +17,7 @@ from fpe_lab.data.toy import (
     Checkerboard,
     CurveDistribution,
     EightGaussians,
+    Imbalanced,
     Moons,
     Pinwheel,
     Rings,
@@ -40,6 +41,7 @@ __all__ = [
     "Moons",
     "SwissRoll",
     "Pinwheel",
+    "Imbalanced",
     "TOY_NAMES",
     "toy_distribution",
 ]

@@ -25,6 +25,9 @@ The base measures:
   θ ∈ [0, π]), shifted by (−½, −¼) and scaled by 2, mass ½ each, uniform in θ, w = 0.2.
 * ``swissroll``: the spiral u ↦ (u cos u, u sin u)/5, u uniform on [1.5π, 4.5π], w = 0.2
   (sklearn's roll, the (x, z) plane, scaled by 1/5 as in FFJORD).
+* ``imbalanced``: a Gaussian mixture with very unequal weights and widths, the held-out set made to
+  stress rare, narrow modes: weight 0.80 at the origin (sd 0.6), 0.15 at (2.5, 2.5) (sd 0.15),
+  0.04 at (−2.5, 2.5) (sd 0.2) and 0.01 at (0, −3) (sd 0.15); w = 0.15.
 * ``pinwheel``: 5 spiral arms y = 2 rho (cos φ, sin φ), φ = 2πk/5 + e^rho/4, with rho ~ N(1, 0.3²)
   truncated to [0.1, 1.9], mass 1/5 each, w = 0.2. (FFJORD's pinwheel puts its 0.2 spread only
   tangentially; here it is an isotropic smoothing of the arms.)
@@ -42,7 +45,8 @@ The quadrature is itself a Gaussian mixture, so the perturbed density and score 
 the Fokker–Planck and score FPE exactly, whatever the quadrature error.
 
 Widths are chosen so that the 256² grid on each ``bounds`` has ≥ 4 cells per w (``cells_per_width``:
-checkerboard 4.9, 8gaussians 9.1, gmm 5.8, rings 4.8, moons 6.1, swissroll 6.4, pinwheel 5.1), and
+checkerboard 4.9, 8gaussians 9.1, gmm 5.8, rings 4.8, moons 6.1, swissroll 6.4, pinwheel 5.1,
+imbalanced 4.04), and
 the bounds leave ≥ 6 w (gmm: 7 sd of its widest component) between the support of mu and the walls,
 so the mass outside the box is < 1e-8.
 """
@@ -74,6 +78,7 @@ __all__ = [
     "Moons",
     "SwissRoll",
     "Pinwheel",
+    "Imbalanced",
     "TOY_NAMES",
     "toy_distribution",
 ]
@@ -348,6 +353,34 @@ class GMM(_MixtureDistribution):
         sd_max = float(torch.linalg.eigvalsh(self.mixture.covs).max().sqrt())
         r = float(self.mixture.means.abs().max()) + 7 * sd_max  # 7 sd: mass outside < 1e-11
         return ((-r, r), (-r, r))
+
+
+@dataclass(frozen=True, repr=False)
+class Imbalanced(_MixtureDistribution):
+    """Four Gaussians with weights 0.80, 0.15, 0.04, 0.01 and standard deviations 0.6, 0.15, 0.2, 0.15:
+    one broad mode that holds most of the mass and three narrow ones, the rarest holding 1%.
+
+    It stresses what the other sets do not: a score must resolve modes that few training samples
+    visit, next to one that dominates the loss. ``bounds`` is ±4.75: 7 sd of the broad mode, ≥ 6 sd
+    beyond every narrow one (mass outside < 1e-9), and 4 cells per narrowest sd on a 256² grid.
+    """
+
+    name: ClassVar[str] = "imbalanced"
+
+    @property
+    def bounds(self) -> Bounds:
+        return ((-4.75, 4.75), (-4.75, 4.75))
+
+    @property
+    def width(self) -> float:
+        return 0.15
+
+    @cached_property
+    def mixture(self) -> GaussianMixture:
+        weights = torch.tensor([0.80, 0.15, 0.04, 0.01], dtype=torch.float64)
+        means = torch.tensor([[0.0, 0.0], [2.5, 2.5], [-2.5, 2.5], [0.0, -3.0]], dtype=torch.float64)
+        sd = torch.tensor([0.6, 0.15, 0.2, 0.15], dtype=torch.float64)
+        return GaussianMixture(weights, means, sd[:, None, None] ** 2 * torch.eye(2, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------- checkerboard
@@ -711,7 +744,16 @@ class Pinwheel(CurveDistribution):
 
 
 # ---------------------------------------------------------------------------------------- factory
-TOY_NAMES: tuple[str, ...] = ("checkerboard", "8gaussians", "gmm", "rings", "moons", "swissroll", "pinwheel")
+TOY_NAMES: tuple[str, ...] = (
+    "checkerboard",
+    "8gaussians",
+    "gmm",
+    "rings",
+    "moons",
+    "swissroll",
+    "pinwheel",
+    "imbalanced",
+)
 
 
 def toy_distribution(name: str, **params) -> ToyDistribution:
@@ -733,6 +775,8 @@ def toy_distribution(name: str, **params) -> ToyDistribution:
             cls = SwissRoll
         case "pinwheel":
             cls = Pinwheel
+        case "imbalanced":
+            cls = Imbalanced
         case _:
             raise ValueError(f"name must be one of {', '.join(TOY_NAMES)}; got {name!r}")
     try:

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The fine-tuning protocol study (fine-tuning continues the pre-trained run's weights, EMA and Adam state):
-# per data set, 3000 DSM pre-training steps, then 1000 steps of each arm, 3 seeds, with the ODE–SDE gap.
+# per data set, PRETRAIN DSM pre-training steps (default 3000), then 1000 steps of each arm, SEEDS seeds
+# (default 3), with the ODE–SDE gap.
 #   bash studies/finetune_protocol/run.sh runs/protocol 2                              # the pilot (gmm, 8gaussians, VP)
 #   bash studies/finetune_protocol/run.sh runs/confirm 2 vp moons rings pinwheel       # held-out confirmation
 #   bash studies/finetune_protocol/run.sh runs/confirm_ve 2 ve moons                   # VE on one held-out set
-# About 5–7 minutes per data set on 2 CPU cores. Usage: run.sh OUT [JOBS] [SDE] [DATA ...]
+#   PRETRAIN=10000 SEEDS=5 bash studies/finetune_protocol/run.sh runs/full_vp 1 vp moons rings pinwheel imbalanced
+# About 5–7 minutes per data set on 2 CPU cores at the defaults. Usage: run.sh OUT [JOBS] [SDE] [DATA ...]
 set -euo pipefail
 out=${1:?usage: run.sh OUT [JOBS] [SDE] [DATA ...]}
 jobs=${2:-1}
@@ -13,8 +15,8 @@ shift $(( $# < 3 ? $# : 3 ))
 data_sets=("$@")
 [ ${#data_sets[@]} -gt 0 ] || data_sets=(gmm 8gaussians)
 for data in "${data_sets[@]}"; do
-  python -m fpe_lab.run study toy2d --data "$data" --sde "$sde" --pretrain-steps 3000 --steps 1000 --seeds 3 \
-      --jobs "$jobs" \
+  python -m fpe_lab.run study toy2d --data "$data" --sde "$sde" --pretrain-steps "${PRETRAIN:-3000}" --steps 1000 \
+      --seeds "${SEEDS:-3}" --jobs "$jobs" \
       --arm "reg=none" \
       --arm "reg=fpe fpe_weighting=normalized lam=0.1" \
       --arm "reg=fpe fpe_weighting=g2 lam=0.0375" \

@@ -34,11 +34,11 @@ def _box_points(bounds, n: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ factory
 def test_names_build_their_distribution():
-    assert len(TOY_NAMES) == 7 and len(set(TOY_NAMES)) == 7
+    assert len(TOY_NAMES) == 8 and len(set(TOY_NAMES)) == 8
     for name in TOY_NAMES:
         d = toy_distribution(name)
         assert d.name == name
-        assert (d.mixture is not None) == (name in ("8gaussians", "gmm"))
+        assert (d.mixture is not None) == (name in ("8gaussians", "gmm", "imbalanced"))
 
 
 @pytest.mark.parametrize("name", TOY_NAMES)
