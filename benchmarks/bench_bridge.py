@@ -21,6 +21,13 @@ torch.profiler's ``profile_memory`` alloc/free records (``step_memory.peak_step_
     python benchmarks/bench_bridge.py            # D = 2 8 32 128 512 3072, batch 256, 7 repeats x 3 steps
     python benchmarks/bench_bridge.py --quick    # the same D, batch 64, 3 repeats x 1 step
 
+Then the exact truth the study's evaluation needs at each D: ms per point of the score and log p_t (t = 0.5,
+VP, float64, chunks of ``--truth-points``) through the full-covariance path (``fpe_lab.gmm``: one D×D
+Cholesky per point and component; D ≤ 512, beyond that a chunk's covariances outgrow memory) and through
+the low-rank path (``fpe_lab.gmm_lowrank``, Woodbury, O(K·D·r)) for the same mixture (rank 0) and with 8
+extra directions per component (``--mixture-rank 8``), with the largest difference between the two paths'
+scores where both run.
+
 Writes nothing unless ``--out FILE.json`` is given.
 """
 
@@ -112,6 +119,36 @@ def bench_dim(dim: int, batch: int, steps: int, repeats: int, warmup: int) -> di
     return out
 
 
+FULL_TRUTH_MAX_D = 512
+"""The full-covariance truth is timed for D ≤ 512 (b·K·D² float64 per chunk: 4 GiB at D = 3072, b = 64)."""
+
+
+def bench_truth(dim: int, points: int) -> dict:
+    """ms per point of the exact score + log p_t at t = 0.5 (VP) through each truth path at dimension ``dim``."""
+    from fpe_lab.data.mixture import MixtureTruth, lowrank_mixture_data, mixture_data
+    from fpe_lab.sde import VPSDE
+
+    sde = VPSDE()
+    x = torch.randn(points, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out: dict = {}
+    paths = {"full": (lambda: MixtureTruth(mixture_data(dim, 4).mixture, sde)) if dim <= FULL_TRUTH_MAX_D else None,
+             "lowrank0": lambda: lowrank_mixture_data((dim,), 4, 0).truth(sde),
+             "lowrank8": lambda: lowrank_mixture_data((dim,), 4, 8).truth(sde)}
+    scores = {}
+    for name, make in paths.items():
+        if make is None:
+            continue
+        truth = make()
+        truth.score(x[:2], 0.5)  # warm-up
+        start = time.perf_counter()
+        scores[name] = truth.score(x, 0.5)
+        truth.log_prob(x, 0.5)
+        out[name] = 1e3 * (time.perf_counter() - start) / points
+    if "full" in scores:
+        out["max_abs_diff_full_lowrank0"] = float((scores["full"] - scores["lowrank0"]).abs().max())
+    return out
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -130,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=_positive_int, default=2)
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (1: no oversubscription on a shared machine)")
+    p.add_argument("--truth-points", type=_positive_int, default=256, help="points per exact-truth timing")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -160,6 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
             cells.append(f"{'-':>12} {'-':>8} {'-':>9}" if r is None else
                          f"{r['ms_per_step_median']:12.1f} {r['time_ratio_median']:8.2f} {r['memory_ratio']:9.2f}")
         print(f"{dim:>5} " + " ".join(cells), flush=True)
+    print(f"\nexact truth (score + log p_t, t = 0.5, float64, {args.truth_points} points): ms per point")
+    print(f"{'D':>5} {'full cov.':>10} {'low-rank r=0':>13} {'low-rank r=8':>13} {'max|Δ score| full vs r=0':>26}")
+    results["truth"] = {}
+    for dim in args.dims:
+        r = bench_truth(dim, args.truth_points)
+        results["truth"][str(dim)] = r
+        full = f"{r['full']:10.3f}" if "full" in r else f"{'-':>10}"
+        diff = f"{r['max_abs_diff_full_lowrank0']:26.1e}" if "full" in r else f"{'-':>26}"
+        print(f"{dim:>5} {full} {r['lowrank0']:13.3f} {r['lowrank8']:13.3f} {diff}", flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

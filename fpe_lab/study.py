@@ -57,7 +57,7 @@ from fpe_lab.train import TrainingInterrupted
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
            "PLAN_NAME", "submitit_submit", "paired_difference", "paired_p_value", "holm", "MAX_RUNS",
-           "WorkerFailure", "PRETRAINED"]
+           "WorkerFailure", "PRETRAINED", "table_across"]
 
 log = logging.getLogger(__name__)
 
@@ -607,3 +607,35 @@ def write_summary(rows: list[dict[str, Any]], out: str | Path, stem: str = "summ
         lines.append("")
     atomic_write_text(md_path, "\n".join(lines))
     return csv_path, md_path
+
+
+def table_across(summaries: dict[str, list[dict[str, Any]]], metric: str, title: str) -> list[str]:
+    """Markdown lines of one metric across several studies (one column each, e.g. one per data set) from
+    their :func:`summarize` rows: per arm the mean, its paired Δ to the control [95% interval] (* where it
+    excludes 0), the raw p and Holm's p adjusted over every (study × arm) comparison of this metric. The
+    control is each study's first arm that is not the pre-trained row. Empty when no study has the metric."""
+    rows = {name: {r["arm"]: r for r in summary} for name, summary in summaries.items()}
+    arms: list[str] = []
+    for summary in summaries.values():
+        arms += [r["arm"] for r in summary if r["arm"] not in arms]
+    if not any(f"{metric}_mean" in r for by_arm in rows.values() for r in by_arm.values()):
+        return []
+    tests = [(name, arm) for name, by_arm in rows.items() for arm in arms if f"{metric}_p" in by_arm.get(arm, {})]
+    adjusted = dict(zip(tests, holm([rows[n][a][f"{metric}_p"] for n, a in tests]), strict=True))
+    names = list(summaries)
+    lines = [f"### {title}", "", "| arm | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for arm in arms:
+        cells = []
+        for name in names:
+            r = rows[name].get(arm, {})
+            if f"{metric}_mean" not in r:
+                cells.append("—")
+            elif f"{metric}_diff" not in r:
+                cells.append(f"{r[f'{metric}_mean']:.4g}")
+            else:
+                star = " *" if r[f"{metric}_sig"] else ""
+                cells.append(f"{r[f'{metric}_mean']:.4g}, Δ {r[f'{metric}_diff']:+.3g} "
+                             f"[{r[f'{metric}_lo']:+.3g}, {r[f'{metric}_hi']:+.3g}]{star}, "
+                             f"p {r[f'{metric}_p']:.2g} / {adjusted[(name, arm)]:.2g}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -23,7 +23,7 @@ from pathlib import Path
 from scipy import stats
 
 from fpe_lab import runs
-from fpe_lab.study import PLAN_NAME, PRETRAINED, StudyPlan, holm, summarize
+from fpe_lab.study import PLAN_NAME, PRETRAINED, StudyPlan, summarize, table_across
 
 METRICS = (
     ("nll_gap_nats", "PF-ODE NLL gap to the truth (nats)"),
@@ -61,43 +61,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("root", type=Path, help="the folder run.sh wrote (one study folder per data set)")
     p.add_argument("--write", type=Path, default=None, metavar="DIR", help="write summary.md and the figure here")
+    p.add_argument("--title", default="Fine-tuning protocol pilot", help="the heading of summary.md")
     args = p.parse_args()
     studies = _studies(args.root)
-    rows = {name: {r["arm"]: r for r in summarize(plan, folder)} for name, (plan, folder) in studies.items()}
     first_plan = next(iter(studies.values()))[0]
-    arm_names = [PRETRAINED] + [a.name for a in first_plan.arms]
     control = first_plan.arms[0].name
     lines = [f"Data sets: {', '.join(studies)}; seeds {list(first_plan.seeds)}; pre-training "
              f"{first_plan.pretrain_steps} DSM steps, then {first_plan.base.optim.steps} steps per arm continuing "
              f"its weights, EMA and Adam state. Control: `{control}`. Cells: mean, Δ to the control [95% interval] "
              "(* the interval excludes 0), raw p / Holm p over the data sets × arms of the metric. Lower is better.",
              ""]
+    summaries = {name: summarize(plan, folder) for name, (plan, folder) in studies.items()}
     for metric, title in METRICS:
-        cells = {}
-        tests = []
-        for name in studies:
-            for arm in arm_names:
-                row = rows[name].get(arm, {})
-                if f"{metric}_p" in row:
-                    tests.append((name, arm, row[f"{metric}_p"]))
-        adjusted = dict(zip([(n, a) for n, a, _ in tests], holm([pv for _, _, pv in tests]), strict=True))
-        if not any(f"{metric}_mean" in rows[n].get(control, {}) for n in studies):
-            continue
-        lines += [f"### {title}", "", "| arm | " + " | ".join(studies) + " |", "|---|" + "---|" * len(studies)]
-        for arm in arm_names:
-            for name in studies:
-                row = rows[name].get(arm, {})
-                if f"{metric}_mean" not in row:
-                    cells[name] = "—"
-                elif arm == control:
-                    cells[name] = f"{row[f'{metric}_mean']:.4g}"
-                else:
-                    star = " *" if row[f"{metric}_sig"] else ""
-                    cells[name] = (f"{row[f'{metric}_mean']:.4g}, Δ {row[f'{metric}_diff']:+.3g} "
-                                   f"[{row[f'{metric}_lo']:+.3g}, {row[f'{metric}_hi']:+.3g}]{star}, "
-                                   f"p {row[f'{metric}_p']:.2g} / {adjusted[(name, arm)]:.2g}")
-            lines.append(f"| {arm} | " + " | ".join(cells[n] for n in studies) + " |")
-        lines.append("")
+        lines += table_across(summaries, metric, title)
     # the direction of the ODE–SDE bound: W2(ODE, SDE) against the integrated residual, over every run
     points = []
     for name, (plan, folder) in studies.items():
@@ -124,7 +100,7 @@ def main() -> int:
         from fpe_lab.checkpoint import atomic_write_bytes, atomic_write_text
 
         args.write.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.write / "summary.md", "# Fine-tuning protocol pilot\n\n" + text + "\n")
+        atomic_write_text(args.write / "summary.md", f"# {args.title}\n\n" + text + "\n")
         fig = Figure(figsize=(5, 4))
         ax = fig.subplots()
         for name in studies:
