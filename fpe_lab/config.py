@@ -37,6 +37,7 @@ from typing import Any
 from fpe_lab import regularizers
 from fpe_lab.checks import check_float as _check_float
 from fpe_lab.checks import check_int as _check_int
+from fpe_lab.data.images import cifar10_digest
 from fpe_lab.fpe import Probe
 from fpe_lab.losses import DSMWeighting
 from fpe_lab.metrics.evaluate import DEFAULT_TIMES
@@ -571,15 +572,31 @@ class RunConfig(Section):
     def fingerprint(self) -> str:
         """A short hash of the settings that change the trained weights (not steps, checkpointing,
         device, threads or evaluation, nor settings inert in this configuration): runs with equal
-        fingerprints are the same run, possibly grown."""
-        text = json.dumps(_hashed(self), sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+        fingerprints are the same run, possibly grown. CIFAR-10 enters by the content of its training
+        batches (:func:`fpe_lab.data.images.cifar10_digest`), not by the spelling of ``data_dir``, so
+        computing it reads (once per process and file version) or stats those files; DataError if they
+        are missing."""
+        return _fingerprint(_hashed(self))
+
+    def legacy_fingerprints(self) -> tuple[str, ...]:
+        """Fingerprints that run folders of this configuration were named by before the current rule, for
+        finding and verifying those folders (:mod:`fpe_lab.runs`): for cifar10 the one with ``data_dir``
+        hashed as the path string typed (before it entered by content); empty for every other data set.
+        Reads no files."""
+        if self.data.name is not Dataset.CIFAR10:
+            return ()
+        return (_fingerprint(_hashed(self, data_by_content=False)),)
 
     def label(self) -> str:
         """A readable run name: data, SDE, regularizer and weight, seed."""
         reg = self.loss.reg
         kind = reg.kind if reg.kind == regularizers.NONE else f"{reg.kind}{reg.lam:g}"
         return f"{self.data.name.value}_{self.sde.kind.value}_{kind}_seed{self.seed}"
+
+
+def _fingerprint(hashed: dict[str, Any]) -> str:
+    text = json.dumps(hashed, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
 def _reg_hashed(config: RunConfig) -> dict[str, Any]:
@@ -602,9 +619,15 @@ def _reg_hashed(config: RunConfig) -> dict[str, Any]:
     return out
 
 
-def _hashed(config: RunConfig) -> dict[str, Any]:
+def _hashed(config: RunConfig, data_by_content: bool = True) -> dict[str, Any]:
     """The settings that decide the trained weights. A setting that cannot act in this configuration enters
-    at its default (so it does not split run folders, and older folders keep their fingerprints)."""
+    at its default (so it does not split run folders, and older folders keep their fingerprints).
+
+    ``data.data_dir`` enters as None for every data set but cifar10 (only cifar10 reads files); for cifar10
+    as ``"sha256:" + cifar10_digest(data_dir)``, the content of its training batches, so the same data under
+    another path spelling (relative or absolute, a symlink, the folder or its parent, a copy) is the same
+    run. ``data_by_content=False`` gives the rule before that, the path string as typed: it names the run
+    folders made then (:meth:`RunConfig.legacy_fingerprints`)."""
     out = config.hashed()
     out.pop("eval")
     data, sde, model = out["data"], out["sde"], out["model"]
@@ -616,6 +639,9 @@ def _hashed(config: RunConfig) -> dict[str, Any]:
         del data["rank"]
     if config.data.name is not Dataset.CIFAR10:
         data["data_dir"] = None  # only cifar10 reads files
+    elif data_by_content:
+        assert config.data.data_dir is not None  # RunConfig requires it for cifar10
+        data["data_dir"] = "sha256:" + cifar10_digest(config.data.data_dir)
     if not config.data.is_image:
         model["unet"], model["dropout"] = UNetSize.TINY.value, None  # the MLP
     optim = out["optim"]

@@ -27,6 +27,11 @@ is the operating system's, so it is released when the process ends, however it e
 A checkpoint records the fingerprint of the configuration it was trained with; resuming or evaluating
 a checkpoint whose fingerprint is not that of the folder's config.json (or that records none) is refused.
 
+Folders named by an earlier fingerprint rule stay valid (:meth:`fpe_lab.config.RunConfig.legacy_fingerprints`:
+cifar10 folders from before its data entered by content): :func:`run_dir` finds such a folder when the
+current name does not exist, a checkpoint stamped with a legacy fingerprint of its config is accepted, and
+resuming it keeps that stamp.
+
 From Python::
 
     from fpe_lab import config, runs
@@ -67,7 +72,7 @@ from fpe_lab.checkpoint import (
     weights_sha256,
     write_config,
 )
-from fpe_lab.config import InitState, RunConfig, Weights, _hashed
+from fpe_lab.config import Dataset, InitState, RunConfig, Weights, _hashed
 from fpe_lab.losses import LossTerms
 from fpe_lab.metrics.evaluate import EvalReport
 from fpe_lab.metrics.evaluate import evaluate as evaluate_score
@@ -147,13 +152,18 @@ def lock_run(folder: str | Path, purpose: str) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def _check_trained_for(ckpt: Path, state: dict[str, Any], config: RunConfig) -> None:
-    """RunError unless the checkpoint ``state`` (read from ``ckpt``) was trained with ``config``'s fingerprint."""
-    got, want = state.get("fingerprint"), config.fingerprint()
+def _check_trained_for(ckpt: Path, state: dict[str, Any], config: RunConfig) -> str:
+    """RunError unless the checkpoint ``state`` (read from ``ckpt``) was trained with ``config``'s fingerprint
+    or one of its legacy fingerprints (a folder made under an earlier rule); returns the fingerprint it carries."""
+    got = state.get("fingerprint")
+    if got is not None and got in config.legacy_fingerprints():  # checked first: reads no data files
+        return got
+    want = config.fingerprint()
     if got != want:
         raise RunError(f"{ckpt} was trained with fingerprint {got or 'none (it records none)'} but "
                        f"{ckpt.parent / CONFIG_NAME} has fingerprint {want}: it is not the configuration its "
                        "checkpoint was trained with (swapped in from another run, or config.json edited by hand?)")
+    return want
 
 
 def check_limits(config: RunConfig) -> None:
@@ -172,8 +182,17 @@ def check_limits(config: RunConfig) -> None:
 
 
 def run_dir(config: RunConfig, out: str | Path) -> Path:
-    """``out/<label>-<fingerprint>``: the folder of ``config``'s run, whatever its step count."""
-    return Path(out) / f"{config.label()}-{config.fingerprint()}"
+    """``out/<label>-<fingerprint>``: the folder of ``config``'s run, whatever its step count. When that folder
+    does not exist but a run folder named by one of ``config.legacy_fingerprints()`` does (made under an
+    earlier fingerprint rule), that one: it holds this run, and resuming or evaluating continues it there."""
+    out = Path(out)
+    folder = out / f"{config.label()}-{config.fingerprint()}"
+    if not folder.exists():
+        for old in config.legacy_fingerprints():
+            legacy = out / f"{config.label()}-{old}"
+            if (legacy / CONFIG_NAME).is_file():
+                return legacy
+    return folder
 
 
 @contextlib.contextmanager
@@ -267,14 +286,20 @@ def load(path: str | Path) -> Run:
 # ---------------------------------------------------------------------- training
 def _check_same_run(folder: Path, config: RunConfig) -> None:
     saved = RunConfig.from_dict(read_config(folder))
+    if saved.data.name is Dataset.CIFAR10 and config.data.name is Dataset.CIFAR10:
+        # the data enter by content: the folder's name (run_dir) and its checkpoint's stamp (_check_trained_for)
+        # hold the data of the requested data_dir; the saved one may be another spelling, unreachable from here
+        saved = saved.override({("data", "data_dir"): config.data.data_dir})
     a, b = _hashed(saved), _hashed(config)
     diff = [f"{k}: saved {a[k]!r} vs requested {b[k]!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         raise ConfigMismatchError(f"run folder {folder} holds a different run ({'; '.join(diff)})")
 
 
-def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool]:
-    """Check the folder (creating nothing yet); returns (folder, whether a checkpoint is resumed)."""
+def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool, str]:
+    """Check the folder (creating nothing yet); returns (folder, whether a checkpoint is resumed, the
+    fingerprint to stamp checkpoints with: the resumed checkpoint's, which may be a legacy one, else
+    ``config.fingerprint()``)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(
             errno.ENOTDIR, f"--out {out} is a file, not a folder (a folder is created if missing)", str(out)
@@ -288,14 +313,15 @@ def _prepare(config: RunConfig, out: Path, resume: bool) -> tuple[Path, bool]:
                              f"(--resume --steps N), or `eval {folder}` to re-evaluate it")
         _check_same_run(folder, config)
     resuming = resume and (folder / CHECKPOINT_NAME).is_file()
-    if resuming:
-        state = load_checkpoint(folder / CHECKPOINT_NAME)
-        _check_trained_for(folder / CHECKPOINT_NAME, state, config)
-        done = int(state["step"])
-        if done > config.optim.steps:
-            raise ValueError(f"run folder {folder} is at step {done}; --steps {config.optim.steps} would shrink it "
-                             f"(pass --steps >= {done})")
-    return folder, resuming
+    if not resuming:
+        return folder, False, config.fingerprint()
+    state = load_checkpoint(folder / CHECKPOINT_NAME)
+    fingerprint = _check_trained_for(folder / CHECKPOINT_NAME, state, config)
+    done = int(state["step"])
+    if done > config.optim.steps:
+        raise ValueError(f"run folder {folder} is at step {done}; --steps {config.optim.steps} would shrink it "
+                         f"(pass --steps >= {done})")
+    return folder, True, fingerprint
 
 
 class _StepLog:
@@ -334,7 +360,7 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         raise ValueError("bf16 needs CUDA (bf16 autocast is only used on GPUs); drop --bf16 on CPU")
     if config.optim.batch % env.world_size:
         raise ValueError(f"--batch {config.optim.batch} must be divisible by the number of processes {env.world_size}")
-    folder, resuming = _prepare(config, Path(out), resume)
+    folder, resuming, fingerprint = _prepare(config, Path(out), resume)
     with threads(config.threads), contextlib.ExitStack() as held:
         sde = build.build_sde(config.sde)
         data = build.build_data(config)
@@ -349,7 +375,7 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
             folder.mkdir(parents=True, exist_ok=True)
             held.enter_context(lock_run(folder, "training"))
             # again under the lock: another process may have written the folder since the first look
-            folder, resuming = _prepare(config, Path(out), resume)
+            folder, resuming, fingerprint = _prepare(config, Path(out), resume)
             if resuming:
                 init_record = load_checkpoint(folder / CHECKPOINT_NAME).get("init_from")
             write_config(folder, config.to_dict())
@@ -366,7 +392,7 @@ def train(config: RunConfig, out: str | Path = "runs", resume: bool = False, pro
         options = TrainOptions(steps=config.optim.steps, lr=config.optim.lr, ema_decay=config.optim.ema_decay,
                                seed=distributed.rank_seed(config.seed, env), ckpt_every=config.optim.ckpt_every,
                                keep=config.optim.keep, grad_clip=config.optim.grad_clip,
-                               progress=progress and env.is_main, fingerprint=config.fingerprint(),
+                               progress=progress and env.is_main, fingerprint=fingerprint,
                                init_from=init_record, initial=initial)
         log.info("run folder %s (%d process(es), device %s)\n%s", folder, env.world_size, device, sde)
         step_log = _StepLog(folder / LOG_NAME, load_checkpoint(folder / CHECKPOINT_NAME)["step"] if resuming else 0) \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -10,13 +11,17 @@ from fpe_lab.config import (
     Dataset,
     RunConfig,
     SDEKind,
+    _hashed,
     cifar10,
     digits,
     leaves,
     toy2d,
 )
+from fpe_lab.data.images import DataError, cifar10_digest
 from fpe_lab.losses import DSMWeighting
 from fpe_lab.regularizers.fpe import FPEWeighting
+
+from .fake_cifar import write_fake_cifar10
 
 
 @pytest.mark.parametrize("preset", [toy2d, cifar10, digits])
@@ -64,6 +69,36 @@ def test_fingerprint_ignores_steps_checkpoints_device_and_evaluation_only():
     for path, value in ((("loss", "eps"), 2e-3), (("seed",), 1), (("optim", "lr"), 1e-3), (("model", "width"), 64),
                         (("sde", "beta_max"), 19.0), (("data", "name"), "moons")):
         assert base.override({path: value}).fingerprint() != base.fingerprint(), path
+
+
+
+def test_cifar10_data_enter_the_fingerprint_by_content_not_by_path(tmp_path, monkeypatch):
+    folder = write_fake_cifar10(tmp_path / "data", n_per_batch=2)
+    base = cifar10(data_dir=str(folder))
+    copy = shutil.copytree(folder, tmp_path / "moved" / "cifar")
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (folder.parent, "data", "data/cifar-10-batches-py", "./data/", "link", copy, "moved/cifar"):
+        assert cifar10(data_dir=str(spelling)).fingerprint() == base.fingerprint(), spelling
+    # what enters: "sha256:" and the digest of the training batches, where the path string entered before
+    assert json.dumps(_hashed(base)).count('"data_dir": "sha256:' + cifar10_digest(folder) + '"') == 1
+    data = bytearray((copy / "data_batch_1").read_bytes())
+    data[-30] ^= 1  # one byte of one training batch
+    (copy / "data_batch_1").write_bytes(bytes(data))
+    assert cifar10(data_dir=str(copy)).fingerprint() != base.fingerprint()
+    with pytest.raises(DataError, match="'nothing' is not a directory"):
+        cifar10(data_dir="nothing").fingerprint()
+
+
+def test_legacy_fingerprints_are_the_path_string_rule_of_cifar10_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data here: the legacy fingerprints read no files
+    # the fingerprints 0.3.0 gave (data_dir by its path string): run folders named by them stay findable
+    assert cifar10().legacy_fingerprints() == ("bc1889271b",)
+    assert cifar10(data_dir="/data/cifar").legacy_fingerprints() == ("e9c4953017",)
+    assert toy2d().legacy_fingerprints() == () and digits().legacy_fingerprints() == ()
+    assert _mixture(8).legacy_fingerprints() == ()
+    with pytest.raises(DataError, match="CIFAR-10 not found"):
+        cifar10().fingerprint()
 
 
 @pytest.mark.parametrize("d, match", [

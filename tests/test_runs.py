@@ -201,6 +201,55 @@ def test_a_checkpoint_of_another_run_is_refused_by_resume_and_eval(tmp_path, cap
             assert _files(a) == before  # refused before anything was written or re-stamped
 
 
+def test_cifar10_run_folders_follow_the_data_not_the_path_spelling(tmp_path, monkeypatch):
+    """The same CIFAR-10 under another spelling, from another directory, is the same run folder (resumed)."""
+    monkeypatch.chdir(tmp_path)
+    write_fake_cifar10(tmp_path / "data", n_per_batch=4)
+    out = tmp_path / "runs"
+    assert _main("cifar10", "--data-dir", "data", *IMG, "--steps", "2", "--out", out) == 0
+    folder = _only(out)
+    shutil.copytree(tmp_path / "data" / "cifar-10-batches-py", tmp_path / "moved" / "cifar")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where config.json's relative "data" names nothing
+    assert _main("cifar10", "--data-dir", "../moved/cifar", *IMG, "--steps", "4", "--resume", "--out", out) == 0
+    assert _only(out) == folder and runs.load(folder).steps_done == 4
+
+
+def _legacy_cifar10_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A cifar10 run folder as made before the data entered by content: named by, and its checkpoint
+    stamped with, the fingerprint of the data_dir path string. Returns (out, folder)."""
+    data = write_fake_cifar10(tmp_path / "data", n_per_batch=4)
+    out = tmp_path / "runs"
+    assert _main("cifar10", "--data-dir", data, *IMG, "--steps", "2", "--out", out) == 0
+    new = _only(out)
+    config = runs.load(new).config
+    (legacy_fp,) = config.legacy_fingerprints()
+    assert legacy_fp != config.fingerprint()
+    folder = new.rename(out / f"{config.label()}-{legacy_fp}")
+    for ckpt in [folder / "checkpoint.pt", *sorted((folder / "snapshots").iterdir())]:
+        save_checkpoint(ckpt, {**load_checkpoint(ckpt), "fingerprint": legacy_fp})
+    return out, folder
+
+
+def test_an_old_cifar10_run_folder_is_resumed_and_evaluated_in_place(tmp_path, capsys):
+    out, folder = _legacy_cifar10_folder(tmp_path)
+    legacy_fp = load_checkpoint(folder / "checkpoint.pt")["fingerprint"]
+    assert runs.run_dir(runs.load(folder).config, out) == folder
+    assert _main("eval", folder) == 0
+    assert _main("cifar10", "--config", folder / "config.json", "--steps", "4", "--dry-run", "--out", out) == 0
+    assert f"run folder: {folder}\n" in capsys.readouterr().out
+    assert _main("cifar10", "--config", folder / "config.json", "--steps", "4", "--resume", "--out", out) == 0
+    assert _only(out) == folder  # no new folder
+    state = load_checkpoint(folder / "checkpoint.pt")
+    assert state["step"] == 4 and state["fingerprint"] == legacy_fp  # the folder keeps its name and stamp
+    assert runs.load(folder).is_finished and _main("eval", folder) == 0
+    # a stamp that is neither the current nor a legacy fingerprint of this config is still refused
+    save_checkpoint(folder / "checkpoint.pt", {**state, "fingerprint": "0123456789"})
+    capsys.readouterr()
+    assert _main("eval", folder) == 2
+    assert "was trained with fingerprint 0123456789" in capsys.readouterr().err
+
+
 _HOLD = """
 import sys
 from fpe_lab import runs

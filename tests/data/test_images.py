@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from fpe_lab.data.images import DataError, ImageDataset, ImageSplit, find_cifar10_dir, load_cifar10, load_digits
+from fpe_lab.data import images
+from fpe_lab.data.images import (
+    DataError,
+    ImageDataset,
+    ImageSplit,
+    cifar10_digest,
+    find_cifar10_dir,
+    load_cifar10,
+    load_digits,
+)
 
 from ..fake_cifar import write_fake_cifar10
 
@@ -56,6 +67,49 @@ def test_missing_files_named(tmp_path, cifar):
     os.remove(cifar / "data_batch_3")
     with pytest.raises(DataError, match="incomplete: missing data_batch_3"):
         load_cifar10(tmp_path)
+
+
+
+def test_digest_is_of_the_content_not_the_path(tmp_path, cifar, monkeypatch):
+    digest = cifar10_digest(cifar)
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    copy = shutil.copytree(cifar, tmp_path / "elsewhere" / "moved")  # a copy, without the usual folder name
+    (tmp_path / "link").symlink_to(cifar.parent, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for spelling in (cifar.parent, "cifar-10-batches-py", ".", "./cifar-10-batches-py/", "link", copy,
+                     os.path.relpath(copy)):
+        assert cifar10_digest(spelling) == digest, spelling
+    # every training batch counts, byte for byte (the test batch and the meta file do not train)
+    data = bytearray((copy / "data_batch_5").read_bytes())
+    data[-20] ^= 1
+    (copy / "data_batch_5").write_bytes(bytes(data))
+    assert cifar10_digest(copy) != digest
+    (copy / "data_batch_5").write_bytes((cifar / "data_batch_5").read_bytes())
+    (copy / "test_batch").write_bytes(b"other test images")
+    assert cifar10_digest(copy) == digest
+    os.remove(copy / "data_batch_2")
+    with pytest.raises(DataError, match="incomplete: missing data_batch_2"):
+        cifar10_digest(copy)
+    with pytest.raises(DataError, match="is not a directory"):
+        cifar10_digest(tmp_path / "nothing")
+
+
+def test_digest_is_cached_until_a_file_changes(cifar, monkeypatch):
+    settled = time.time_ns() - 10**10  # files written just now are read every time (a write may keep mtime_ns)
+    for name in images.CIFAR10_TRAIN_FILES:
+        os.utime(cifar / name, ns=(settled, settled))
+    opened = []
+
+    def counting_open(path, *args, **kwargs):
+        opened.append(os.path.basename(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "open", counting_open, raising=False)
+    digest = cifar10_digest(cifar)
+    assert opened == list(images.CIFAR10_TRAIN_FILES)
+    assert cifar10_digest(cifar.parent) == digest and len(opened) == 5  # the same folder: not read again
+    os.utime(cifar / "data_batch_3", ns=(settled + 1, settled + 1))  # a file that changed is read again
+    assert cifar10_digest(cifar) == digest and len(opened) == 10
 
 
 @pytest.mark.parametrize(
