@@ -14,6 +14,7 @@ torch.cuda.max_memory_allocated. CPU: running sum of torch.profiler's allocation
     python benchmarks/bench_images.py                  # tiny U-Net, 3×32×32 (CIFAR-10 size), batch 8, CPU
     python benchmarks/bench_images.py --quick          # seconds: 1×8×8 images, checks that it runs
     python benchmarks/bench_images.py --device cuda --model ddpmpp --batch 48   # the paper's size on a GPU
+    python benchmarks/bench_images.py --batch 64 --reg-batch 8 --variants dsm fpe-p1  # and fpe-p1-b8: R on 8 of 64
 
 Prints a table; writes nothing.
 """
@@ -42,9 +43,12 @@ def _config(variant: str, args) -> RunConfig:
                ("optim", "batch"): args.batch, ("loss", "eps"): 1e-3}
     if variant == "dsm":
         changes[("loss", "reg", "kind")] = "none"
-    else:
+    else:  # fpe-p<probes> or fpe-p<probes>-b<reg batch>
+        probes, _, sub = variant.removeprefix("fpe-p").partition("-b")
         changes[("loss", "reg", "kind")] = "fpe"
-        changes[("loss", "reg", "probes")] = int(variant.removeprefix("fpe-p"))
+        changes[("loss", "reg", "probes")] = int(probes)
+        if sub:
+            changes[("loss", "reg", "n_points")] = int(sub)
     return PRESETS[args.data]().override(changes)
 
 
@@ -82,6 +86,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: no contention)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                   help="variants to time (dsm always)")
+    p.add_argument("--reg-batch", type=int, default=None,
+                   help="also time fpe-p1-b<N>: one probe, the residual on the first N points of each batch")
     p.add_argument("--quick", action="store_true", help="digits (1×8×8 images), batch 2, 1 repeat: runs in seconds")
     args = p.parse_args()
     if args.quick:
@@ -89,14 +97,18 @@ def main() -> None:
     for name in ("batch", "steps", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1; got {getattr(args, name)}")
+    if args.reg_batch is not None and not 1 <= args.reg_batch <= args.batch:
+        p.error(f"--reg-batch must be in [1, --batch {args.batch}]; got {args.reg_batch}")
+    variants = ("dsm", *(v for v in VARIANTS if v in args.variants and v != "dsm"))
+    variants += (f"fpe-p1-b{args.reg_batch}",) if args.reg_batch is not None else ()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    trainers = {v: Trainer(v, args, device) for v in VARIANTS}
+    trainers = {v: Trainer(v, args, device) for v in variants}
     for t in trainers.values():  # warm-up: first forward-mode call, allocator, kernels
         t.step()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.repeats):
         for v, t in trainers.items():
             sync(device)
@@ -115,10 +127,10 @@ def main() -> None:
           + f", torch {torch.__version__}; {args.repeats} repeats × {args.steps} steps")
     print(f"peak memory: {'cuda max_memory_allocated' if device.type == 'cuda' else 'torch.profiler CPU allocations'}"
           " above the memory live before the step")
-    print(f"{'variant':>8} {'ms/step':>9} {'x DSM time':>11} {'(range)':>15} {'peak MiB':>9} {'x DSM mem':>10}")
-    for v in VARIANTS:
+    print(f"{'variant':>11} {'ms/step':>9} {'x DSM time':>11} {'(range)':>15} {'peak MiB':>9} {'x DSM mem':>10}")
+    for v in variants:
         ratios = [a / b for a, b in zip(times[v], times["dsm"])]
-        print(f"{v:>8} {1e3 * statistics.median(times[v]):9.1f} {statistics.median(ratios):11.2f} "
+        print(f"{v:>11} {1e3 * statistics.median(times[v]):9.1f} {statistics.median(ratios):11.2f} "
               f"{f'({min(ratios):.2f}-{max(ratios):.2f})':>15} {mem[v] / 2**20:9.1f} {mem[v] / mem['dsm']:10.2f}")
 
 

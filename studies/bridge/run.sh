@@ -16,8 +16,9 @@
 #   evaluation at t = 0.02 0.1 0.5 1 on 200 points, NLL of 100 held-out points, no sample distances.
 # D = 3072 (DIMS="3072"): the exact truth goes through the low-rank path (Woodbury, O(K·D) per point:
 # 0.7 ms per point, benchmarks/bench_bridge.py), so the evaluation is cheap; training is not: the MLP is
-# 3 × 3072 (28M weights), about 1.5 s per DSM step and ~10 s per score-FPE step on one CPU core, i.e.
-# hours per arm. It is sized for a GPU and has not been run on this CPU.
+# 3 × 3072 (28M weights): measured 1.9 s per DSM step and 15 s per score-FPE step (Hutchinson, residual
+# on 64 points) on one loaded CPU core (`toy2d --data mixture --data-dim 3072 --width 3072 --per-dim
+# --steps 4`), i.e. 4 hours per 1000-step FPE arm. It is sized for a GPU and has not been run on this CPU.
 # Finished runs are skipped when the script is run again (a study resumes).
 set -u
 RUNS=${1:?usage: bash studies/bridge/run.sh RUNS_DIR}

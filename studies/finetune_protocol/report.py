@@ -84,14 +84,16 @@ def main() -> int:
             if report is not None and report.gap is not None:
                 points.append((name, _integrated_residual(report), report.gap.ode_vs_sde["w2"],
                                report.gap.ode_vs_sde["tv"], arm, report.mean.get("score_error_rel", math.nan)))
-    rho, pval = stats.spearmanr([q[1] for q in points], [q[2] for q in points])
     fit = [q for q in points if q[5] < 0.5]  # runs whose score was not destroyed (relative score error < 0.5)
-    rho_fit, pval_fit = stats.spearmanr([q[1] for q in fit], [q[2] for q in fit])
-    lines += ["### The ODE–SDE gap against the time-integrated residual", "",
-              f"Spearman rank correlation of W2(q_ODE, q_SDE) with ∫ sqrt(E‖R‖²) dt over all {len(points)} runs: "
-              f"ρ = {rho:.3f} (p = {pval:.2g}); over the {len(fit)} runs whose relative score error is below 0.5 "
-              f"(excluding the collapsed ones): ρ = {rho_fit:.3f} (p = {pval_fit:.2g}). Each data set separately: "
-              + ", ".join(f"{n} ρ = {_rho([q for q in fit if q[0] == n]):.3f}" for n in studies) + ".", ""]
+    if len(fit) >= 3:  # a study evaluated with --eval-gap-grid (not the convergence check)
+        rho, pval = stats.spearmanr([q[1] for q in points], [q[2] for q in points])
+        rho_fit, pval_fit = stats.spearmanr([q[1] for q in fit], [q[2] for q in fit])
+        lines += ["### The ODE–SDE gap against the time-integrated residual", "",
+                  f"Spearman rank correlation of W2(q_ODE, q_SDE) with ∫ sqrt(E‖R‖²) dt over all {len(points)} "
+                  f"runs: ρ = {rho:.3f} (p = {pval:.2g}); over the {len(fit)} runs whose relative score error is "
+                  f"below 0.5 (excluding the collapsed ones): ρ = {rho_fit:.3f} (p = {pval_fit:.2g}). Each data set "
+                  "separately: " + ", ".join(f"{n} ρ = {_rho([q for q in fit if q[0] == n]):.3f}" for n in studies)
+                  + ".", ""]
     text = "\n".join(lines)
     print(text)
     if args.write is not None:
@@ -101,6 +103,8 @@ def main() -> int:
 
         args.write.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.write / "summary.md", f"# {args.title}\n\n" + text + "\n")
+        if len(fit) < 3:
+            return 0
         fig = Figure(figsize=(5, 4))
         ax = fig.subplots()
         for name in studies:
