@@ -45,7 +45,8 @@ step nvidia-smi 20 nvidia-smi
 step cuda 45 "$PY" -c "import torch; assert torch.cuda.is_available(), 'CUDA is not available to torch'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 step pytest-gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-step bench-images 240 "$PY" benchmarks/bench_images.py --device cuda --model ddpmpp --batch 48 --repeats 3
+step bench-images 240 "$PY" benchmarks/bench_images.py --device cuda --model ddpmpp --batch 48 --reg-batch 8 \
+    --variants dsm fpe-p1 --repeats 3
 step bench-train-step 75 "$PY" benchmarks/bench_train_step.py --device cuda
 step bench-residual 40 "$PY" benchmarks/bench_residual.py --quick
 step bench-likelihood 40 "$PY" benchmarks/bench_likelihood.py --quick

@@ -20,7 +20,7 @@ EXPECTED = [
     ["python", "-c", "import torch; assert torch.cuda.is_available()"],
     ["python", "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
     ["python", "benchmarks/bench_images.py", "--device", "cuda", "--model", "ddpmpp", "--batch", "48",
-     "--repeats", "3"],
+     "--reg-batch", "8", "--variants", "dsm", "fpe-p1", "--repeats", "3"],
     ["python", "benchmarks/bench_train_step.py", "--device", "cuda"],
     ["python", "benchmarks/bench_residual.py", "--quick"],
     ["python", "benchmarks/bench_likelihood.py", "--quick"],
