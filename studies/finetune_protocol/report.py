@@ -1,7 +1,7 @@
 """Tables and figures of the fine-tuning protocol pilot (studies/finetune_protocol/run.sh).
 
     python studies/finetune_protocol/report.py runs/protocol                 # print the tables
-    python studies/finetune_protocol/report.py runs/protocol --write DIR     # summary.md, gap_vs_residual.png
+    python studies/finetune_protocol/report.py runs/protocol --write DIR     # summary.md and the figures
 
 Reads every study folder under the given folder (one per data set), summarises each with
 fpe_lab.study.summarize (per arm: mean over seeds, the paired difference to the control arm with its 95%
@@ -9,17 +9,21 @@ t-interval, the paired t-test's p), and writes one table per metric: rows are th
 arms, columns the data sets; each cell is the mean and Δ to the control [95% interval], raw p and the Holm
 p adjusted over all (data set × arm) comparisons of that metric. Lower is better for every metric. Then the
 direction Deveney et al. bound: W2(q_ODE, q_SDE) of every run against its time-integrated residual
-∫ sqrt(E‖R‖²) dt (trapezoids over the evaluation times), with Spearman's rank correlation.
+∫ sqrt(E‖R‖²) dt (trapezoids over the evaluation times), with Spearman's rank correlation (figure
+gap_vs_residual.png), and per data set the truth, q_ODE, q_SDE and q_ODE − q_SDE of the pre-trained model
+and each arm at the first seed (gap_arms_<data>.png, from each run's gap.npz).
 Nothing is written unless --write is given; paths may be relative or absolute.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 from scipy import stats
 
 from fpe_lab import runs
@@ -118,12 +122,21 @@ def main() -> int:
                      fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         atomic_write_bytes(args.write / "gap_vs_residual.png", buf.getvalue())
         atomic_write_text(args.write / "points.json", json.dumps(points) + "\n")
+        from fpe_lab.figures.gap import gap_figure
+
+        for name, (plan, folder) in studies.items():
+            seed = plan.seeds[0]
+            labelled = [(PRETRAINED, runs.run_dir(plan.pretrain_config(seed), folder / "pretrain"))]
+            labelled += [(a.name, runs.run_dir(plan.config(a, seed, folder), folder)) for a in plan.arms]
+            rows = [(f"{name} {arm.replace('reg=', '').replace('fpe_weighting=', '').replace('lam=', 'λ ')}",
+                     dict(np.load(rf / "gap.npz"))) for arm, rf in labelled]
+            buf = io.BytesIO()
+            gap_figure(rows).savefig(buf, format="png", dpi=70)
+            atomic_write_bytes(args.write / f"gap_arms_{name}.png", buf.getvalue())
     return 0
 
 
