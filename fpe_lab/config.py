@@ -246,10 +246,10 @@ class ModelConfig(Section):
     def __post_init__(self) -> None:
         self._check_enums()
         if self.width is not None:
-            _check_int("width", self.width, 1)
+            _check_int("width", self.width, 1, 2**16)
         if self.depth is not None:
-            _check_int("depth", self.depth, 1)
-        _check_int("n_freq", self.n_freq, 0)
+            _check_int("depth", self.depth, 1, 1024)
+        _check_int("n_freq", self.n_freq, 0, 1024)
         if self.dropout is not None:
             _check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
 
@@ -397,7 +397,7 @@ class OptimConfig(Section):
     def __post_init__(self) -> None:
         self._check_enums()
         _check_int("steps", self.steps, 1, 10**9)
-        _check_int("batch", self.batch, 1)
+        _check_int("batch", self.batch, 1, 10**7)
         _check_float("lr", self.lr, 0.0, 10.0, lo_open=True)
         _check_float("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
         if self.grad_clip is not None:
@@ -465,17 +465,17 @@ class EvalConfig(Section):
         if self.times is not None and list(self.times) != sorted(set(self.times)):
             raise ValueError(f"eval times must be increasing, without repeats; got {list(self.times)!r}")
         if self.points is not None:
-            _check_int("eval_points", self.points, 2)
+            _check_int("eval_points", self.points, 2, 10**7)
         if self.nll_points is not None:
-            _check_int("eval_nll_points", self.nll_points, 0)
-        _check_int("eval_samples", self.samples, 0)
+            _check_int("eval_nll_points", self.nll_points, 0, 10**7)
+        _check_int("eval_samples", self.samples, 0, 10**7)
         if self.samples == 1:
             raise ValueError("eval_samples must be 0 (skip) or >= 2; got 1")
         if self.rtol is not None:
             _check_float("eval_rtol", self.rtol, 0.0, 1.0, lo_open=True, hi_open=True)
         if self.repeats is not None:
             _check_int("eval_repeats", self.repeats, 1, 100)
-        _check_int("eval_batch", self.batch, 1)
+        _check_int("eval_batch", self.batch, 1, 10**7)
         _check_int("eval_probes", self.probes, 2, 1024)
         if self.seed is not None:
             _check_int("eval_seed", self.seed, 0, 2**62)

@@ -56,6 +56,19 @@ def strip_optional(kind: Any) -> tuple[Any, bool]:
     return kind, False
 
 
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)``, evaluated once per class: the annotations are strings (``from __future__
+    import annotations``), and evaluating them on every section construction took about half of a CLI
+    call's time after imports (parser built, configuration validated). Callers must not modify the dict."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
 def _type_error(path: str, want: str, v: Any) -> ValueError:
     return ValueError(f"{path} must be {want}; got {v!r} ({type(v).__name__})")
 
@@ -103,7 +116,7 @@ class Section:
     """JSON round trip and enum checks for the frozen configuration sections."""
 
     def _check_enums(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             kind, optional = strip_optional(hints[f.name])
             v = getattr(self, f.name)
@@ -127,7 +140,7 @@ class Section:
         where = path or "config"
         if not isinstance(d, dict):
             raise ValueError(f"{where} must be a JSON object; got {type(d).__name__}")
-        hints = typing.get_type_hints(cls)
+        hints = _hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         unknown = sorted(set(d) - set(names))
         if unknown:

@@ -6,6 +6,7 @@ Handlers raise :class:`CLIError` for bad input; ``fpe_lab.run`` prints it as one
 
 import argparse
 import math
+from pathlib import Path
 
 
 class CLIError(Exception):
@@ -18,7 +19,8 @@ class EnvironmentFailure(Exception):
 
 
 def ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
-    """argparse type: a ``kind`` number in [lo, hi] (or (lo, hi] with lo_open)."""
+    """argparse type: a ``kind`` number in [lo, hi] (or (lo, hi] with lo_open). Integers are compared as
+    integers: one too large for a float (``1`` and 400 zeros) is out of range, not an OverflowError."""
 
     def parse(text: str):
         try:
@@ -26,13 +28,24 @@ def ranged(kind: type, lo: float, hi: float = math.inf, lo_open: bool = False):
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}; got {text!r}") from None
-        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        if not ((kind is int or math.isfinite(v)) and (v > lo if lo_open else v >= lo) and v <= hi):
+            def show(x: float) -> str:
+                return str(x) if isinstance(x, int) else f"{x:g}"
+
+            rng = f"{'(' if lo_open else '['}{show(lo)}, {show(hi)}]"
             raise argparse.ArgumentTypeError(f"must be in {rng}; got {text}")
         return v
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def path_arg(text: str) -> Path:
+    """argparse type of a file or folder argument: any text but the empty one, which ``Path`` would read as
+    the current folder (``--out ''`` wrote into it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path; got {text!r}")
+    return Path(text)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

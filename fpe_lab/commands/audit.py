@@ -27,7 +27,7 @@ import torch
 
 from fpe_lab.audit import DEFAULT_EPS, AuditReport, audit, default_times, report_figure
 from fpe_lab.checkpoint import atomic_write_bytes, atomic_write_text
-from fpe_lab.commands import CLIError, one_line_errors, ranged
+from fpe_lab.commands import CLIError, one_line_errors, path_arg, ranged
 from fpe_lab.config import DeviceChoice
 from fpe_lab.data.toy import TOY_NAMES
 from fpe_lab.sde import LinearSDE
@@ -40,6 +40,10 @@ AUDIT_NAME = "audit.json"
 FIGURE_NAME = "audit.png"
 DATA_CHOICES: tuple[str, ...] = ("cifar10", "digits", *TOY_NAMES, "model")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Caps of the counts: beyond int64 they overflowed inside torch after the model had loaded (an "unexpected" exit 1)
+MAX_COUNT = 10**7
+MAX_SEED = 2**62
+MAX_SAMPLE_STEPS = 10**6
 
 
 def add_parser(subparsers) -> None:
@@ -49,27 +53,30 @@ def add_parser(subparsers) -> None:
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # --overwr is not --overwrite: a flag must be spelled out
     )
-    p.add_argument("model", type=Path, metavar="MODEL", help="a diffusers UNet2DModel folder or an fpe_lab run folder")
+    p.add_argument("model", type=path_arg, metavar="MODEL",
+                   help="a diffusers UNet2DModel folder or an fpe_lab run folder")
     p.add_argument("--data", required=True, choices=DATA_CHOICES,
                    help="data x0 to perturb: an image test split, a 2-D toy set, or 'model' (the model's own samples)")
-    p.add_argument("--data-dir", type=Path, default=None, help="cifar10: the cifar-10-batches-py folder or its parent")
-    p.add_argument("--points", type=ranged(int, 1), default=64, help="data points per time (default: %(default)s)")
+    p.add_argument("--data-dir", type=path_arg, default=None,
+                   help="cifar10: the cifar-10-batches-py folder or its parent")
+    p.add_argument("--points", type=ranged(int, 1, MAX_COUNT), default=64,
+                   help=f"data points per time, at most {MAX_COUNT} (default: %(default)s)")
     p.add_argument("--times", type=ranged(float, 0.0, 1.0, lo_open=True), nargs="+", default=None, metavar="T",
                    help="times in [eps, 1], increasing (default: 8 log-spaced from eps to 1)")
-    p.add_argument("--probes", type=ranged(int, 1), default=2,
+    p.add_argument("--probes", type=ranged(int, 1, 1024), default=2,
                    help="Rademacher probes per Hutchinson estimate when D > 16; exact below (default: %(default)s)")
     p.add_argument("--eps", type=ranged(float, 0.0, 1.0, lo_open=True), default=DEFAULT_EPS,
                    help="smallest time, and the end time of --data model sampling (default: %(default)s)")
-    p.add_argument("--out", type=Path, required=True, help="output folder for audit.json and audit.png")
-    p.add_argument("--batch", type=ranged(int, 1), default=16,
+    p.add_argument("--out", type=path_arg, required=True, help="output folder for audit.json and audit.png")
+    p.add_argument("--batch", type=ranged(int, 1, MAX_COUNT), default=16,
                    help="points per chunk, for memory (default: %(default)s)")
     p.add_argument("--device", choices=[d.value for d in DeviceChoice], default=DeviceChoice.AUTO.value,
                    help="device; auto: cuda if available (default: %(default)s)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                    help="precision of the model and the derivatives (default: %(default)s)")
-    p.add_argument("--seed", type=ranged(int, 0), default=0,
+    p.add_argument("--seed", type=ranged(int, 0, MAX_SEED), default=0,
                    help="seed of the data subset, noise and probes (default: %(default)s)")
-    p.add_argument("--sample-steps", type=ranged(int, 1), default=200,
+    p.add_argument("--sample-steps", type=ranged(int, 1, MAX_SAMPLE_STEPS), default=200,
                    help="--data model: reverse-SDE steps (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {AUDIT_NAME}")
     p.set_defaults(handler=_audit_command)

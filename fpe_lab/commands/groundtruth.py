@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fpe_lab.checkpoint import atomic_write_bytes
-from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors, path_arg
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ def add_parser(subparsers) -> None:
     from fpe_lab.commands.train import _add_leaf
     from fpe_lab.config import leaves, toy2d
 
+    defaults = toy2d()
     for leaf in leaves():  # the forward SDE and its coefficients: the same flags as training
         if leaf.path[0] == "sde":
-            _add_leaf(p, leaf, leaf.get(toy2d()))
+            _add_leaf(p, leaf, leaf.get(defaults))
     p.add_argument("--grid", type=_positive_int(*GRID_RANGE), default=256, help="cells per axis")
     p.add_argument("--times", type=_unit_time, nargs="+", default=[0.01, 0.1, 0.5, 1.0],
                    help="increasing times in [0, 1]")
@@ -97,7 +98,7 @@ def add_parser(subparsers) -> None:
                    help="solver (auto: exact convolution for linear SDEs)")
     p.add_argument("--n-steps", type=_positive_int(1, 100000), default=200,
                    help="time steps of the finite-volume and log-density solvers")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+    p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
                    help=f"output folder receiving {NPZ_NAME} and {PNG_NAME} (default runs/groundtruth_DATA_SDE_GRID)")
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {NPZ_NAME} / {PNG_NAME} in --out")
     p.add_argument("--no-figure", action="store_true", help=f"skip {PNG_NAME}")

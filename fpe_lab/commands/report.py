@@ -12,7 +12,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from fpe_lab.commands import CLIError, one_line_errors
+from fpe_lab.commands import CLIError, one_line_errors, path_arg
 from fpe_lab.study import StudyPlan, summarize, write_summary
 
 __all__ = ["add_parser"]
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("report", help="tables of a study folder (summary.csv, summary.md)",
                               description=(__doc__ or "").split("\n\n")[1].replace("\n", " "), allow_abbrev=False)
-    p.add_argument("study_dir", type=Path, help="a folder written by `study`")
-    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="where to write (default: the study folder)")
+    p.add_argument("study_dir", type=path_arg, help="a folder written by `study`")
+    p.add_argument("--out", type=path_arg, default=None, metavar="DIR",
+                   help="where to write (default: the study folder)")
     p.set_defaults(handler=_report_command)
     one_line_errors(p)
 

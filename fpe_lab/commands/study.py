@@ -19,7 +19,7 @@ from pathlib import Path
 from fpe_lab import runs
 from fpe_lab.build import resolve_device
 from fpe_lab.checkpoint import ConfigMismatchError
-from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors, path_arg
 from fpe_lab.commands.train import PRESETS, add_config_arguments, config_from_args
 from fpe_lab.config import toy2d
 from fpe_lab.interrupts import Interrupted
@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
                    help="with --pretrain-steps: the fine-tuning arms' learning rate (default: the preset's lr)")
     p.add_argument("--jobs", type=int, default=1, help="local worker processes (default: 1)")
     p.add_argument("--slurm-partition", default=None, help="submit each run to this SLURM partition via submitit")
-    p.add_argument("--out", type=Path, default=Path("runs/study"), help="study folder (default: runs/study)")
+    p.add_argument("--out", type=path_arg, default=Path("runs/study"), help="study folder (default: runs/study)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; train nothing")
     p.set_defaults(handler=_study_command)
     one_line_errors(p)

@@ -24,7 +24,7 @@ from fpe_lab import config as cfg
 from fpe_lab import distributed, runs
 from fpe_lab.build import resolve_device
 from fpe_lab.checkpoint import ConfigMismatchError
-from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors
+from fpe_lab.commands import CLIError, EnvironmentFailure, one_line_errors, path_arg
 from fpe_lab.config import Leaf, RunConfig, leaves
 from fpe_lab.settings import strip_optional
 
@@ -72,7 +72,7 @@ def _config_plugins(path: Path) -> list[str]:
     return [p for p in plugins if isinstance(p, str)] if isinstance(plugins, list) else []
 
 
-def _none_or(kind: type) -> Callable[[str], Any]:
+def _none_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str):
         return None if text.lower() == "none" else kind(text)
 
@@ -80,18 +80,42 @@ def _none_or(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def _comma_list(kind: type) -> Callable[[str], list[Any]]:
-    """A list flag's item: ``3,32,32`` or ``3`` (several items after one flag are joined)."""
+def _comma_list(kind: type, optional: bool = False) -> Callable[[str], list[Any] | None]:
+    """A list flag's item: ``3,32,32`` or ``3`` (several items after one flag are joined); ``none`` (None) for a
+    list that may be none."""
 
-    def parse(text: str) -> list[Any]:
+    def parse(text: str) -> list[Any] | None:
+        if optional and text.lower() == "none":
+            return None
         return [kind(part) for part in text.split(",") if part]
 
     parse.__name__ = kind.__name__
     return parse
 
 
+def _nonempty(text: str) -> str:
+    """A text flag's value: '' is refused here (as a folder it would mean the current one)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a nonempty value; got {text!r}")
+    return text
+
+
+_nonempty.__name__ = "str"
+
+
+class _OrNone(list):
+    """The choices of an enum flag that may be none: its values and ``none``, which the flag's type reads as
+    None (so None is among them)."""
+
+    def __contains__(self, value: object) -> bool:
+        return value is None or super().__contains__(value)
+
+
 def _flag_value(value: Any) -> Any:
-    """A parsed flag value as the configuration takes it: lists (of comma lists) become flat tuples."""
+    """A parsed flag value as the configuration takes it: lists (of comma lists) become flat tuples; a list flag
+    given ``none`` alone is None (``none`` beside values stays in, and the configuration refuses it)."""
+    if value == [None]:
+        return None
     if isinstance(value, list):
         return tuple(v for item in value for v in (item if isinstance(item, list) else [item]))
     return value
@@ -105,24 +129,31 @@ def _add_leaf(parser: argparse.ArgumentParser, leaf: Leaf, default: Any) -> None
     help_text = f"{leaf.help} (default: {shown})".replace("%", "%%")
     common: dict[str, Any] = dict(dest="/".join(leaf.path), default=argparse.SUPPRESS, help=help_text)
     flag = f"--{leaf.flag}"
+    none = "|none" if optional else ""
     if leaf.repeat:
         (inner, _) = typing.get_args(kind)
         parser.add_argument(flag, action="append", type=inner, metavar=leaf.flag.upper(), **common)
     elif isinstance(kind, type) and issubclass(kind, enum.Enum):
-        parser.add_argument(flag, choices=[m.value for m in kind], **common)
+        values = [m.value for m in kind]
+        if optional:
+            parser.add_argument(flag, type=_none_or(str), choices=_OrNone([*values, "none"]), **common)
+        else:
+            parser.add_argument(flag, choices=values, **common)
     elif kind is bool:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
     elif typing.get_origin(kind) is tuple:
         (inner, _) = typing.get_args(kind)
-        parser.add_argument(flag, nargs="+", type=_comma_list(inner), metavar=inner.__name__.upper(), **common)
+        parser.add_argument(flag, nargs="+", type=_comma_list(inner, optional), metavar=inner.__name__.upper() + none,
+                            **common)
     else:
-        parser.add_argument(flag, type=_none_or(kind) if optional else kind,
-                            metavar=kind.__name__.upper() + ("|none" if optional else ""), **common)
+        parse = _nonempty if kind is str else kind
+        parser.add_argument(flag, type=_none_or(parse) if optional else parse, metavar=kind.__name__.upper() + none,
+                            **common)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, defaults: RunConfig, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of the run configuration (help shows ``defaults``), plus ``--config FILE``."""
-    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+    parser.add_argument("--config", type=path_arg, default=None, metavar="FILE",
                         help="start from this configuration (JSON, e.g. a run's config.json) instead of the preset; "
                         "flags override it")
     for leaf in leaves():
@@ -164,7 +195,8 @@ def add_parser(subparsers) -> None:
                                   description=f"{help_text}. Defaults: the {name} preset. "
                                   + (__doc__ or "").split("\n\n")[1].replace("\n", " "))
         add_config_arguments(p, preset())
-        p.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of the run folder (default: runs)")
+        p.add_argument("--out", type=path_arg, default=Path("runs"),
+                       help="parent folder of the run folder (default: runs)")
         p.add_argument("--resume", action="store_true",
                        help="continue the run in its folder; with a larger --steps, grow a finished run")
         p.add_argument("--print-config", action="store_true", help="print the resolved configuration as JSON and exit")
@@ -177,11 +209,12 @@ def add_parser(subparsers) -> None:
                               description="Re-evaluate the EMA weights of a run folder; --eval-* and --device flags "
                               "override the run's evaluation settings for this evaluation (recorded in the settings of "
                               "its metrics.json; config.json is left as training wrote it).")
-    e.add_argument("run_dir", type=Path, help="a run folder written by toy2d, cifar10 or digits")
+    e.add_argument("run_dir", type=path_arg, help="a run folder written by toy2d, cifar10 or digits")
     e.add_argument("--allow-partial", action="store_true", help="evaluate an unfinished run as it is")
+    defaults = cfg.toy2d()
     for leaf in leaves():
         if leaf.path[0] == "eval" or leaf.flag == "device":
-            _add_leaf(e, leaf, leaf.get(cfg.toy2d()))
+            _add_leaf(e, leaf, leaf.get(defaults))
     e.set_defaults(handler=_eval_command)
     one_line_errors(e)
 

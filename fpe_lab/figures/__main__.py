@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
+from fpe_lab.commands import path_arg
 from fpe_lab.figures.make import FigureOptions, make_all
 from fpe_lab.figures.runs import RunFolderError
 
@@ -25,14 +27,29 @@ def _positive_time(text: str) -> float:
     return t
 
 
-def _int_at_least(lo: int):
+MAX_GRID = 4096
+"""Largest grid of the figures, per axis (as ``groundtruth --grid``): beyond int64 torch overflowed, and far below
+that the grids do not fit in memory."""
+
+
+def _positive_number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (the λ of a DSM+FPE run); got {text}")
+    return v
+
+
+def _int_in(lo: int, hi: int):
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer; got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}; got {text}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}]; got {text}")
         return v
 
     parse.__name__ = "int"
@@ -44,19 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fpe_lab.figures", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)  # a flag must be spelled out
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+    p.add_argument("run_dirs", nargs="+", type=path_arg, metavar="RUN_DIR",
                    help="finished toy2d run folders of one data set and SDE (e.g. runs/study/gmm_vp_*/)")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder (PNG, PDF, CSV)")
-    p.add_argument("--lam", type=float, default=None,
+    p.add_argument("--out", type=path_arg, default=Path("figures"), help="output folder (PNG, PDF, CSV)")
+    p.add_argument("--lam", type=_positive_number, default=None,
                    help="DSM+FPE weight shown in the field figures (default: the largest λ of the runs)")
     p.add_argument("--field-times", type=_positive_time, nargs="+", default=list(d.field_times),
                    help="times of the score-field figure")
     p.add_argument("--curl-times", type=_positive_time, nargs="+", default=list(d.curl_times),
                    help="times of the curl figure (a small and a moderate t)")
-    p.add_argument("--field-grid", type=_int_at_least(8), default=d.field_grid, help="points per axis of field grids")
-    p.add_argument("--density-grid", type=_int_at_least(8), default=d.density_grid,
+    p.add_argument("--field-grid", type=_int_in(8, MAX_GRID), default=d.field_grid,
+                   help="points per axis of field grids")
+    p.add_argument("--density-grid", type=_int_in(8, MAX_GRID), default=d.density_grid,
                    help="points per axis of the PF-ODE density grid (one ODE solve over all points)")
-    p.add_argument("--solver-grids", type=_int_at_least(8), nargs="+", default=list(d.solver_grids),
+    p.add_argument("--solver-grids", type=_int_in(8, MAX_GRID), nargs="+", default=list(d.solver_grids),
                    help="cells per axis of the solver-convergence study")
 
     def error(message: str):

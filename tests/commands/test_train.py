@@ -124,7 +124,7 @@ def test_reg_none_and_lam_zero_are_one_setting(tmp_path, capsys):
     "argv, message",
     [
         (["--eps", "0"], "eps must be a finite number in (0, 0.5]; got 0.0"),
-        (["--width", "0"], "width must be an integer >= 1; got 0"),
+        (["--width", "0"], "width must be an integer in [1, 65536]; got 0"),
         (["--lam", "-1"], "lam must be a finite number in [0, inf]; got -1.0"),
         (["--fpe-weighting", "bad"], "argument --fpe-weighting: invalid choice: 'bad'"),
         (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
