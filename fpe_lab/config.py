@@ -425,7 +425,7 @@ class EvalScale(enum.Enum):
 _IMAGE_EVAL: dict[str, dict[str, Any]] = {
     "cpu": {"times": (0.05, 0.5, 1.0), "points": 8, "nll_points": 8, "rtol": 1e-4, "repeats": 1, "ode": "dopri5"},
     "cuda": {"times": DEFAULT_TIMES, "points": 64, "nll_points": 256, "rtol": 1e-5, "repeats": 1, "ode": "dopri5"},
-    "paper": {"times": DEFAULT_TIMES, "points": 256, "nll_points": 10000, "rtol": 1e-5, "repeats": 5, "ode": "rk45"},
+    "paper": {"times": DEFAULT_TIMES, "points": 256, "nll_points": 10000, "rtol": 1e-5, "repeats": 5, "ode": "RK45"},
 }
 
 
@@ -524,8 +524,13 @@ class RunConfig(Section):
         if self.eval.gap_grid and self.dim != 2:
             raise ValueError(f"eval_gap_grid needs 2-D data (the grids are 2-D); data {self.data.name.value} has "
                              f"D = {self.dim}")
-        if self.eval.times is not None and min(self.eval.times) < self.loss.eps:
-            raise ValueError(f"eval times must lie in [eps, 1] = [{self.loss.eps:g}, 1]; got {list(self.eval.times)}")
+        # open times are filled by EvalConfig.resolve on the device: check every fill it can choose, before training
+        paper = self.eval.scale is EvalScale.PAPER
+        fills = (_IMAGE_EVAL["paper"],) if paper else (_IMAGE_EVAL["cpu"], _IMAGE_EVAL["cuda"])
+        for times in [self.eval.times] if self.eval.times is not None else [f["times"] for f in fills]:
+            if min(times) < self.loss.eps:
+                raise ValueError(f"eval times must lie in [eps, 1] = [{self.loss.eps:g}, 1]; got {list(times)}"
+                                 + ("" if self.eval.times is not None else " (the device's default: set --eval-times)"))
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "") -> RunConfig:

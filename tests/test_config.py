@@ -9,6 +9,7 @@ import pytest
 
 from fpe_lab.config import (
     Dataset,
+    EvalScale,
     RunConfig,
     SDEKind,
     _hashed,
@@ -20,6 +21,7 @@ from fpe_lab.config import (
 from fpe_lab.data.images import DataError, cifar10_digest
 from fpe_lab.losses import DSMWeighting
 from fpe_lab.regularizers.fpe import FPEWeighting
+from fpe_lab.sampling import ODEMethod
 
 from .fake_cifar import write_fake_cifar10
 
@@ -172,3 +174,22 @@ def test_mixture_jet_limit_and_shape_questions():
     assert dsm.dim == 16  # plain DSM has no residual path
     with pytest.raises(ValueError, match="use DataConfig.shape"):
         Dataset.MIXTURE.shape  # noqa: B018 — (2,) would be wrong for D != 2
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("scale", list(EvalScale))
+def test_every_image_evaluation_fill_resolves(device, scale):
+    # each row of the table must name a real solver and times in [eps, 1] of the image presets
+    for preset in (digits, lambda: cifar10(data_dir="d")):
+        config = preset().override({("eval", "scale"): scale.value})
+        ev = config.eval.resolve(device)
+        assert isinstance(ev.ode, ODEMethod) and None not in (ev.times, ev.points, ev.nll_points, ev.rtol)
+        assert ev.ode is (ODEMethod.RK45 if scale is EvalScale.PAPER else ODEMethod.DOPRI5)
+        assert min(ev.times) >= config.loss.eps
+
+
+def test_open_eval_times_below_eps_are_refused_before_training():
+    with pytest.raises(ValueError, match=r"eval times must lie in \[eps, 1\].*set --eval-times"):
+        digits().override({("loss", "eps"): 0.1})
+    ok = digits().override({("loss", "eps"): 0.1, ("eval", "times"): [0.1, 1.0]})
+    assert ok.eval.times == (0.1, 1.0)
