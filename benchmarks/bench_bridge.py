@@ -20,6 +20,7 @@ torch.profiler's ``profile_memory`` alloc/free records (``step_memory.peak_step_
 
     python benchmarks/bench_bridge.py            # D = 2 8 32 128 512 3072, batch 256, 7 repeats x 3 steps
     python benchmarks/bench_bridge.py --quick    # the same D, batch 64, 3 repeats x 1 step
+    python benchmarks/bench_bridge.py --truth-only --truth-points 64   # only the exact truth's cost
 
 Then the exact truth the study's evaluation needs at each D: ms per point of the score and log p_t (t = 0.5,
 VP, float64, chunks of ``--truth-points``) through the full-covariance path (``fpe_lab.gmm``: one D×D
@@ -168,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (1: no oversubscription on a shared machine)")
     p.add_argument("--truth-points", type=_positive_int, default=256, help="points per exact-truth timing")
+    p.add_argument("--truth-only", action="store_true", help="time only the exact truth, no training steps")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     if args.quick:
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"header": header, "dims": {}}
     print(header)
     print(f"{'D':>5} " + " ".join(f"{v + ' ms':>12} {'x DSM t':>8} {'x DSM mem':>9}" for v in VARIANTS))
-    for dim in args.dims:
+    for dim in [] if args.truth_only else args.dims:
         res = bench_dim(dim, args.batch, args.steps, args.repeats, args.warmup)
         results["dims"][str(dim)] = res
         cells = []
