@@ -37,6 +37,8 @@ DIRECTIONAL = (
     ("2c. normalized FPE makes the SDE model worse (its NLL gap)", "sde_nll_gap_nats", FPE_NORM, +1),
     ("3a. high-order DSM narrows W2(q_ODE, q_SDE)", "gap_w2_ode_sde", HODSM, -1),
     ("3b. high-order DSM brings q_SDE closer to the truth (KL)", "gap_kl_truth_sde", HODSM, -1),
+    ("3c. high-order DSM lowers the PF-ODE NLL gap (a finding of the earlier studies, not in claims.md)",
+     "nll_gap_nats", HODSM, -1),
     ("5. g² at α/D² destroys the score (relative score error)", "score_error_rel", FPE_G2, +1),
     ("5'. … and the NLL gap", "nll_gap_nats", FPE_G2, +1),
 )
