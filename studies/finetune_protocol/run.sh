@@ -6,6 +6,8 @@
 #   bash studies/finetune_protocol/run.sh runs/confirm 2 vp moons rings pinwheel       # held-out confirmation
 #   bash studies/finetune_protocol/run.sh runs/confirm_ve 2 ve moons                   # VE on one held-out set
 #   PRETRAIN=10000 SEEDS=5 bash studies/finetune_protocol/run.sh runs/full_vp 1 vp moons rings pinwheel imbalanced
+# The larger grid on a cluster: STUDY_FLAGS="--slurm-partition P" SEEDS=20 PRETRAIN=20000 bash ... (the study
+# sends each run to SLURM through submitit; the cluster extra).
 # About 5–7 minutes per data set on 2 CPU cores at the defaults. Usage: run.sh OUT [JOBS] [SDE] [DATA ...]
 set -euo pipefail
 out=${1:?usage: run.sh OUT [JOBS] [SDE] [DATA ...]}
@@ -16,7 +18,7 @@ data_sets=("$@")
 [ ${#data_sets[@]} -gt 0 ] || data_sets=(gmm 8gaussians)
 for data in "${data_sets[@]}"; do
   python -m fpe_lab.run study toy2d --data "$data" --sde "$sde" --pretrain-steps "${PRETRAIN:-3000}" --steps 1000 \
-      --seeds "${SEEDS:-3}" --jobs "$jobs" \
+      --seeds "${SEEDS:-3}" --jobs "$jobs" ${STUDY_FLAGS:-} \
       --arm "reg=none" \
       --arm "reg=fpe fpe_weighting=normalized lam=0.1" \
       --arm "reg=fpe fpe_weighting=g2 lam=0.0375" \
