@@ -7,7 +7,8 @@ plain-DSM run per seed, and every arm of that seed starts from its EMA weights (
 protocol: equal steps for every arm, the DSM-only arm being the control).
 
 A study can be stopped and restarted at any point: finished runs are skipped, interrupted ones resume
-from their checkpoints. ``study.json`` records the plan; a folder holding another plan is refused. With
+from their checkpoints. ``study.json`` records the plan; a folder holding another plan is refused, except
+the same plan with fewer seeds, which grows to the new seeds in place. With
 ``jobs > 1`` the runs go to worker processes; when the study is interrupted (SIGINT, SIGTERM, an error)
 its workers are sent SIGTERM, write a checkpoint at the end of their step and exit, and the study waits
 for them before it returns.
@@ -393,6 +394,10 @@ def _check_plan(plan: StudyPlan, out: Path) -> None:
             raise ValueError(f"{path} is not a study plan ({e}); move the study folder away") from None
         if saved != want:
             keys = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            if keys == ["seeds"] and set(saved["seeds"]) < set(want["seeds"]):
+                # the same study with more seeds: it grows in place (the finished runs are kept)
+                atomic_write_text(path, json.dumps(want, indent=2) + "\n")
+                return
             raise ValueError(f"study folder {out} holds another study (differs in {keys}); use another --out")
     else:
         out.mkdir(parents=True, exist_ok=True)

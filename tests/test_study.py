@@ -107,6 +107,8 @@ def test_a_killed_study_resumes_to_the_same_summary(tmp_path):
     assert runs.run_dir(half, cut) == runs.run_dir(plan.config(plan.arms[0], 1, cut), cut)
     with pytest.raises(ValueError, match="holds another study"):
         run_study(StudyPlan(_base(), tuple(parse_grid(["lam=0,0.7"])), seeds=(0, 1)), tmp_path / "full", progress=False)
+    with pytest.raises(ValueError, match=r"holds another study \(differs in \['seeds'\]\)"):
+        run_study(StudyPlan(_base(), plan.arms, seeds=(0,)), tmp_path / "full", progress=False)  # fewer: refused
     run_study(plan, cut, progress=False)
     got = summarize(plan, cut)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("step_time")} for r in rows]  # noqa: E731
@@ -252,3 +254,15 @@ def test_the_star_marks_intervals_that_exclude_zero_below_and_above(tmp_path, mo
              if line.startswith("| lam=")}  # the Δ column of the dsm table
     assert cells["lam=0.1"].strip().endswith("*") and cells["lam=0.2"].strip().endswith("*")
     assert "*" not in cells["lam=0.3"] and "[" in cells["lam=0.3"] and cells["lam=0"].strip() == "—"
+
+
+def test_a_finished_study_grows_by_seeds_in_place(tmp_path):
+    small = StudyPlan(_base(), tuple(parse_grid(["lam=0,0.5"])), seeds=(0,))
+    run_study(small, tmp_path, progress=False)
+    first = runs.run_dir(small.config(small.arms[1], 0, tmp_path), tmp_path)
+    stamp = (first / "metrics.json").stat().st_mtime_ns
+    big = StudyPlan(_base(), small.arms, seeds=(0, 1))
+    run_study(big, tmp_path, progress=False)
+    assert (first / "metrics.json").stat().st_mtime_ns == stamp  # the seed-0 runs were not trained again
+    assert StudyPlan.load(tmp_path).seeds == (0, 1) and len(summarize(big, tmp_path)) == 2
+    assert all(r["n_seeds"] == 2 for r in summarize(big, tmp_path))
