@@ -5,10 +5,10 @@
 # continuing the pre-trained weights, EMA and Adam state; the control is STEPS further DSM steps.
 # Arms: DSM; FPE normalized (λ 0.1, per-dim: 0.1/D); FPE g² at the paper's α/D² (α 0.15: λ 0.15/64 with
 # per-dim); high-order DSM (λ 0.1, per-dim). Every regularizer on the first 16 points of each batch, one
-# Rademacher probe. SEEDS paired seeds (default 3).
-#   bash studies/images/run.sh runs/images 1
+# Rademacher probe. SEEDS paired seeds (default 3; a finished study grows to more seeds in place).
+#   SEEDS=5 bash studies/images/run.sh runs/images 1      # the committed study (seeds 0-2 first, then 3-4)
 #   python studies/images/report.py runs/images --write studies/images
-# About 9 minutes per data set and seed on one CPU core (the FPE step is ~15× a DSM step).
+# About 10-15 minutes per data set and seed on one loaded CPU core (an FPE step costs ~12 DSM steps).
 # Usage: run.sh OUT [JOBS] [DATA ...]
 set -euo pipefail
 out=${1:?usage: run.sh OUT [JOBS] [DATA ...]}
