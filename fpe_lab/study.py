@@ -58,7 +58,7 @@ from fpe_lab.train import TrainingInterrupted
 
 __all__ = ["Arm", "StudyPlan", "parse_grid", "parse_arm", "run_study", "summarize", "write_summary", "SUMMARY_METRICS",
            "PLAN_NAME", "submitit_submit", "paired_difference", "paired_p_value", "holm", "MAX_RUNS",
-           "WorkerFailure", "PRETRAINED", "table_across"]
+           "WorkerFailure", "PRETRAINED", "table_across", "studies_under"]
 
 log = logging.getLogger(__name__)
 
@@ -644,3 +644,12 @@ def table_across(summaries: dict[str, list[dict[str, Any]]], metric: str, title:
                              f"p {r[f'{metric}_p']:.2g} / {adjusted[(name, arm)]:.2g}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def studies_under(root: str | Path) -> dict[str, tuple[StudyPlan, Path]]:
+    """Every study folder directly under ``root`` (one with a ``study.json``), by folder name, sorted, with its
+    plan; relative or absolute ``root``. ValueError when there is none."""
+    folders = sorted(path.parent for path in Path(root).resolve().glob(f"*/{PLAN_NAME}"))
+    if not folders:
+        raise ValueError(f"no study folder (with {PLAN_NAME}) under {root}")
+    return {f.name: (StudyPlan.load(f), f) for f in folders}

@@ -266,3 +266,18 @@ def test_a_finished_study_grows_by_seeds_in_place(tmp_path):
     assert (first / "metrics.json").stat().st_mtime_ns == stamp  # the seed-0 runs were not trained again
     assert StudyPlan.load(tmp_path).seeds == (0, 1) and len(summarize(big, tmp_path)) == 2
     assert all(r["n_seeds"] == 2 for r in summarize(big, tmp_path))
+
+
+def test_studies_under_finds_each_study_folder_by_name(tmp_path, monkeypatch):
+    from fpe_lab.study import _check_plan, studies_under
+
+    plan = StudyPlan(_base(), tuple(parse_grid(["lam=0,0.5"])), seeds=(0,))
+    for name in ("b", "a"):
+        _check_plan(plan, tmp_path / "root" / name)  # writes study.json, trains nothing
+    (tmp_path / "root" / "not_a_study").mkdir()
+    monkeypatch.chdir(tmp_path)
+    found = studies_under("root")  # a relative root
+    assert list(found) == ["a", "b"] and found["a"][1] == (tmp_path / "root" / "a").resolve()
+    assert found["b"][0].to_dict() == plan.to_dict()
+    with pytest.raises(ValueError, match="no study folder"):
+        studies_under(tmp_path / "root" / "not_a_study")

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import stats
 
 from fpe_lab import runs
-from fpe_lab.study import PLAN_NAME, PRETRAINED, StudyPlan, summarize, table_across
+from fpe_lab.study import PRETRAINED, studies_under, summarize, table_across
 
 METRICS = (
     ("nll_gap_nats", "PF-ODE NLL gap to the truth (nats)"),
@@ -39,16 +39,6 @@ METRICS = (
     ("fpe_residual_rel", "relative score-FPE residual (mean over t)"),
     ("jacobian_asymmetry_rel", "Jacobian asymmetry ‖J − Jᵀ‖²/‖J‖² (mean over t)"),
 )
-
-
-def _studies(root: Path) -> dict[str, tuple[StudyPlan, Path]]:
-    found = {}
-    for plan_path in sorted(root.resolve().glob(f"*/{PLAN_NAME}")):
-        folder = plan_path.parent
-        found[folder.name] = (StudyPlan.load(folder), folder)
-    if not found:
-        raise SystemExit(f"error: no study folder (with {PLAN_NAME}) under {root}")
-    return found
 
 
 def _rho(points) -> float:
@@ -67,7 +57,10 @@ def main() -> int:
     p.add_argument("--write", type=Path, default=None, metavar="DIR", help="write summary.md and the figure here")
     p.add_argument("--title", default="Fine-tuning protocol pilot", help="the heading of summary.md")
     args = p.parse_args()
-    studies = _studies(args.root)
+    try:
+        studies = studies_under(args.root)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     first_plan = next(iter(studies.values()))[0]
     control = first_plan.arms[0].name
     lines = [f"Data sets: {', '.join(studies)}; seeds {list(first_plan.seeds)}; pre-training "

@@ -24,7 +24,7 @@ from pathlib import Path
 from scipy import stats
 
 from fpe_lab import runs
-from fpe_lab.study import PLAN_NAME, PRETRAINED, StudyPlan, holm, summarize
+from fpe_lab.study import PRETRAINED, holm, studies_under, summarize
 
 FPE_NORM = "reg=fpe fpe_weighting=normalized lam=0.1"
 FPE_G2 = "reg=fpe fpe_weighting=g2 lam=0.0375"
@@ -76,10 +76,12 @@ def main() -> int:
     p.add_argument("root", type=Path, help="the folder run.sh wrote (one study folder per data set)")
     p.add_argument("--write", type=Path, default=None, metavar="DIR", help="also write DIR/verdicts.md")
     args = p.parse_args()
-    folders = sorted(path.parent for path in args.root.resolve().glob(f"*/{PLAN_NAME}"))
-    if not folders:
-        raise SystemExit(f"error: no study folder (with {PLAN_NAME}) under {args.root}")
-    plans = {f.name: StudyPlan.load(f) for f in folders}
+    try:
+        found = studies_under(args.root)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    folders = [f for _, f in found.values()]
+    plans = {name: plan for name, (plan, _) in found.items()}
     summaries = {f.name: {r["arm"]: r for r in summarize(plans[f.name], f)} for f in folders}
     lines = ["| claim | per set: Δ to the control [95% interval] (Holm p) | verdict |", "|---|---|---|"]
     adj = _adjusted(summaries, "nll_gap_nats")

@@ -16,7 +16,7 @@ import argparse
 import io
 from pathlib import Path
 
-from fpe_lab.study import PLAN_NAME, StudyPlan, summarize, table_across
+from fpe_lab.study import studies_under, summarize, table_across
 
 METRICS = (
     ("nll_gap_nats", "PF-ODE NLL gap to the exact truth (nats; digits-gmm)"),
@@ -36,11 +36,12 @@ def main() -> int:
     p.add_argument("root", type=Path, help="the folder run.sh wrote (one study folder per data set)")
     p.add_argument("--write", type=Path, default=None, metavar="DIR", help="write summary.md and deltas.png here")
     args = p.parse_args()
-    folders = sorted(path.parent for path in args.root.resolve().glob(f"*/{PLAN_NAME}"))
-    if not folders:
-        raise SystemExit(f"error: no study folder (with {PLAN_NAME}) under {args.root}")
-    plans = {f.name: StudyPlan.load(f) for f in folders}
-    summaries = {f.name: summarize(plans[f.name], f) for f in folders}
+    try:
+        found = studies_under(args.root)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    plans = {name: plan for name, (plan, _) in found.items()}
+    summaries = {name: summarize(plan, folder) for name, (plan, folder) in found.items()}
     plan = next(iter(plans.values()))
     lines = [f"Data sets: {', '.join(plans)}; seeds {list(plan.seeds)}; tiny U-Net; pre-training "
              f"{plan.pretrain_steps} DSM steps, then {plan.base.optim.steps} steps per arm continuing its weights, "
